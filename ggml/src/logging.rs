@@ -1,0 +1,39 @@
+//! Routes ggml's and llama.cpp's log lines into the `log` crate (target `llama.cpp`), so
+//! they are silent unless `RUST_LOG` asks for them.
+
+use crate::sys;
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_void};
+use std::sync::Once;
+
+unsafe extern "C" fn forward(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: ggml passes a NUL-terminated string valid for the call.
+    let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let msg = msg.trim_end();
+    if msg.is_empty() {
+        return;
+    }
+    let lvl = match level {
+        sys::GGML_LOG_LEVEL_ERROR => log::Level::Error,
+        sys::GGML_LOG_LEVEL_WARN => log::Level::Warn,
+        sys::GGML_LOG_LEVEL_INFO => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    log::log!(target: "llama.cpp", lvl, "{msg}");
+}
+
+/// Installs the forwarding callback (idempotent) and initialises llama.cpp's backends.
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the callback is a plain function valid for the program's lifetime.
+        unsafe {
+            sys::llama_log_set(Some(forward), std::ptr::null_mut());
+            sys::ggml_log_set(Some(forward), std::ptr::null_mut());
+            sys::llama_backend_init();
+        }
+    });
+}

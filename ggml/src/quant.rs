@@ -1,0 +1,198 @@
+//! Element conversions and quantization, all by ggml's own routines so that pali's blocks
+//! are bit-identical to llama.cpp's.
+
+use crate::{sys, Error, GgmlType, Result};
+use std::ffi::CString;
+use std::path::Path;
+
+/// llama.cpp file types (`enum llama_ftype`) pali can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileType {
+    #[allow(missing_docs)]
+    F32,
+    #[allow(missing_docs)]
+    F16,
+    #[allow(missing_docs)]
+    BF16,
+    #[allow(missing_docs)]
+    Q8_0,
+    #[allow(missing_docs)]
+    Q4_0,
+    /// llama.cpp's Q4_K_M mix (Q4_K with Q6_K for sensitive tensors).
+    Q4KM,
+}
+
+impl FileType {
+    /// The `llama_ftype` value stored in `general.file_type`.
+    pub fn llama_ftype(self) -> u32 {
+        match self {
+            FileType::F32 => sys::LLAMA_FTYPE_ALL_F32,
+            FileType::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+            FileType::BF16 => sys::LLAMA_FTYPE_MOSTLY_BF16,
+            FileType::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+            FileType::Q4_0 => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
+            FileType::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        }
+    }
+
+    /// llama.cpp's spelling, used in file names (`Q4_K_M`, `F16`, …).
+    pub fn label(self) -> &'static str {
+        match self {
+            FileType::F32 => "F32",
+            FileType::F16 => "F16",
+            FileType::BF16 => "BF16",
+            FileType::Q8_0 => "Q8_0",
+            FileType::Q4_0 => "Q4_0",
+            FileType::Q4KM => "Q4_K_M",
+        }
+    }
+
+    /// Parses a CLI spelling (`q4_k_m`, `Q8_0`, `f16`, …).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "f32" => FileType::F32,
+            "f16" => FileType::F16,
+            "bf16" => FileType::BF16,
+            "q8_0" => FileType::Q8_0,
+            "q4_0" => FileType::Q4_0,
+            "q4_k_m" => FileType::Q4KM,
+            _ => return None,
+        })
+    }
+
+    /// The single element type of a non-mixed file type (matrices only; `None` for Q4_K_M).
+    pub fn matrix_type(self) -> Option<GgmlType> {
+        match self {
+            FileType::F32 => Some(GgmlType::F32),
+            FileType::F16 => Some(GgmlType::F16),
+            FileType::BF16 => Some(GgmlType::BF16),
+            FileType::Q8_0 => Some(GgmlType::Q8_0),
+            FileType::Q4_0 => Some(GgmlType::Q4_0),
+            FileType::Q4KM => None,
+        }
+    }
+}
+
+/// Converts f32 values to `ty` (F32, F16, BF16 or a block-quantized type) as ggml does.
+/// `n_per_row` is the row length (ggml `ne[0]`).
+pub fn convert_f32(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>> {
+    if n_per_row == 0 || src.len() % n_per_row != 0 {
+        return Err(Error::Invalid(format!(
+            "bad row length {n_per_row} for {} values",
+            src.len()
+        )));
+    }
+    let n = src.len() as i64;
+    // SAFETY: destination buffers are sized by ggml_row_size for exactly these elements.
+    unsafe {
+        match ty {
+            GgmlType::F32 => Ok(src.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            GgmlType::F16 => {
+                let mut out = vec![0u8; src.len() * 2];
+                sys::ggml_fp32_to_fp16_row(src.as_ptr(), out.as_mut_ptr() as *mut _, n);
+                Ok(out)
+            }
+            GgmlType::BF16 => {
+                let mut out = vec![0u8; src.len() * 2];
+                sys::ggml_fp32_to_bf16_row_ref(src.as_ptr(), out.as_mut_ptr() as *mut _, n);
+                Ok(out)
+            }
+            _ if ty.is_quantized() => {
+                if n_per_row as i64 % ty.block_size() != 0 {
+                    return Err(Error::Invalid(format!(
+                        "row length {n_per_row} is not a multiple of the {ty} block size"
+                    )));
+                }
+                if sys::ggml_quantize_requires_imatrix(ty.0) {
+                    return Err(Error::Invalid(format!("{ty} needs an importance matrix")));
+                }
+                let rows = src.len() / n_per_row;
+                let mut out = vec![0u8; ty.row_size(n_per_row as i64) * rows];
+                let written = sys::ggml_quantize_chunk(
+                    ty.0,
+                    src.as_ptr(),
+                    out.as_mut_ptr() as *mut _,
+                    0,
+                    rows as i64,
+                    n_per_row as i64,
+                    std::ptr::null(),
+                );
+                debug_assert_eq!(written, out.len());
+                Ok(out)
+            }
+            _ => Err(Error::Invalid(format!("cannot convert to {ty}"))),
+        }
+    }
+}
+
+/// Widens raw little-endian F32/F16/BF16 bytes to f32 (F16 through ggml's own table-free
+/// conversion, BF16 exactly).
+pub fn to_f32(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    match ty {
+        GgmlType::F32 => Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        GgmlType::BF16 => Ok(bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+            .collect()),
+        GgmlType::F16 => {
+            let n = bytes.len() / 2;
+            let mut out = vec![0f32; n];
+            // SAFETY: n halves in, n floats out. Copy first: the source may be unaligned.
+            let halves: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            unsafe {
+                sys::ggml_fp16_to_fp32_row(halves.as_ptr() as *const _, out.as_mut_ptr(), n as i64)
+            };
+            Ok(out)
+        }
+        _ if ty.is_quantized() => {
+            // SAFETY: type traits table lookup; to_float converts whole blocks.
+            unsafe {
+                let traits = sys::ggml_get_type_traits(ty.0);
+                let Some(f) = (*traits).to_float else {
+                    return Err(Error::Invalid(format!("no dequantizer for {ty}")));
+                };
+                let n = bytes.len() / ty.row_size(ty.block_size()) * ty.block_size() as usize;
+                let mut out = vec![0f32; n];
+                f(bytes.as_ptr() as *const _, out.as_mut_ptr(), n as i64);
+                Ok(out)
+            }
+        }
+        _ => Err(Error::Invalid(format!("cannot read {ty} as f32"))),
+    }
+}
+
+/// Quantizes a whole GGUF model file with llama.cpp's own quantizer (`llama_model_quantize`),
+/// i.e. exactly what `llama-quantize` makes, including its per-tensor type choices.
+pub fn quantize_model_file(
+    input: &Path,
+    output: &Path,
+    ftype: FileType,
+    threads: i32,
+) -> Result<()> {
+    crate::logging::init();
+    let inp = CString::new(input.to_string_lossy().as_bytes())
+        .map_err(|_| Error::Invalid("bad path".into()))?;
+    let out = CString::new(output.to_string_lossy().as_bytes())
+        .map_err(|_| Error::Invalid("bad path".into()))?;
+    // SAFETY: default params, valid paths; the function returns non-zero on failure.
+    let rc = unsafe {
+        let mut p = sys::llama_model_quantize_default_params();
+        p.ftype = ftype.llama_ftype();
+        p.nthread = threads;
+        sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &p)
+    };
+    if rc != 0 {
+        return Err(Error::Backend(format!(
+            "llama.cpp failed to quantize {} to {} (code {rc})",
+            input.display(),
+            ftype.label()
+        )));
+    }
+    Ok(())
+}

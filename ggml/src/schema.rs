@@ -1,0 +1,317 @@
+//! The one place that says how pali's two GGUF files are laid out: metadata keys and the
+//! mapping between HF checkpoint tensor names and GGUF tensor names. The converter writes
+//! with these names and the runtime reads with them, so they can never drift apart.
+//!
+//! Decoder file: llama.cpp's `gemma2` architecture, so stock llama.cpp loads it.
+//! mmproj file: llama.cpp's `clip` conventions (`clip.vision.*` keys, `v.*` / `mm.*` tensors)
+//! with projector type `paligemma`, plus a few `paligemma.*` keys for preprocessing.
+//!
+//! Layout of the projector: `mm.input_projection.weight` has ggml shape `[vision_width,
+//! text_hidden]`, i.e. the PyTorch `[out, in]` Linear layout (NOT Gemma 3's transposed one),
+//! applied as `y = W x + b` to each vision token.
+
+/// Metadata keys.
+pub mod keys {
+    /// `general.architecture`: `gemma2` for the decoder, `clip` for the mmproj.
+    pub const ARCHITECTURE: &str = "general.architecture";
+    /// Human-readable model name (e.g. `PaliGemma2-3B-pt-224`).
+    pub const NAME: &str = "general.name";
+    /// llama.cpp `llama_ftype` of the file.
+    pub const FILE_TYPE: &str = "general.file_type";
+    /// Quantization format version (2 for current ggml blocks).
+    pub const QUANTIZATION_VERSION: &str = "general.quantization_version";
+    /// Alignment of tensor data.
+    pub const ALIGNMENT: &str = "general.alignment";
+
+    /// Decoder architecture string.
+    pub const ARCH_GEMMA2: &str = "gemma2";
+    /// Decoder hyper-parameters (`gemma2.` prefix).
+    pub const CONTEXT_LENGTH: &str = "gemma2.context_length";
+    #[allow(missing_docs)]
+    pub const EMBEDDING_LENGTH: &str = "gemma2.embedding_length";
+    #[allow(missing_docs)]
+    pub const BLOCK_COUNT: &str = "gemma2.block_count";
+    #[allow(missing_docs)]
+    pub const FEED_FORWARD_LENGTH: &str = "gemma2.feed_forward_length";
+    #[allow(missing_docs)]
+    pub const HEAD_COUNT: &str = "gemma2.attention.head_count";
+    #[allow(missing_docs)]
+    pub const HEAD_COUNT_KV: &str = "gemma2.attention.head_count_kv";
+    #[allow(missing_docs)]
+    pub const KEY_LENGTH: &str = "gemma2.attention.key_length";
+    #[allow(missing_docs)]
+    pub const VALUE_LENGTH: &str = "gemma2.attention.value_length";
+    #[allow(missing_docs)]
+    pub const RMS_EPS: &str = "gemma2.attention.layer_norm_rms_epsilon";
+    /// Sliding-window size llama.cpp applies to every other layer.
+    pub const SLIDING_WINDOW: &str = "gemma2.attention.sliding_window";
+    #[allow(missing_docs)]
+    pub const ATTN_SOFTCAP: &str = "gemma2.attn_logit_softcapping";
+    #[allow(missing_docs)]
+    pub const FINAL_SOFTCAP: &str = "gemma2.final_logit_softcapping";
+    #[allow(missing_docs)]
+    pub const ROPE_FREQ_BASE: &str = "gemma2.rope.freq_base";
+
+    /// SentencePiece vocabulary, as llama.cpp's `llama` (SPM) tokenizer reads it.
+    pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_SCORES: &str = "tokenizer.ggml.scores";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_BOS: &str = "tokenizer.ggml.bos_token_id";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_EOS: &str = "tokenizer.ggml.eos_token_id";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_UNK: &str = "tokenizer.ggml.unknown_token_id";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_PAD: &str = "tokenizer.ggml.padding_token_id";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+    #[allow(missing_docs)]
+    pub const TOKENIZER_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+    /// The HF `tokenizer.json` text (llama.cpp's gguf-py name for it); pali tokenizes with it.
+    pub const TOKENIZER_HF_JSON: &str = "tokenizer.huggingface.json";
+
+    /// Number of real vocabulary entries (257152 for PaliGemma 2); rows past it are padding
+    /// (`<image>` and HF's random fill) and are never sampled.
+    pub const PALI_VOCAB_SIZE: &str = "paligemma.vocab_size";
+    /// Id of the `<image>` placeholder in the HF tokenizer.
+    pub const PALI_IMAGE_TOKEN_ID: &str = "paligemma.image_token_id";
+    /// `query_pre_attn_scalar` of config.json, kept so the runtime can check llama.cpp's scale.
+    pub const PALI_QUERY_PRE_ATTN_SCALAR: &str = "paligemma.query_pre_attn_scalar";
+
+    /// mmproj architecture string.
+    pub const ARCH_CLIP: &str = "clip";
+    #[allow(missing_docs)]
+    pub const CLIP_HAS_VISION: &str = "clip.has_vision_encoder";
+    /// Projector type; pali's value is [`PROJECTOR_PALIGEMMA`].
+    pub const CLIP_PROJECTOR_TYPE: &str = "clip.projector_type";
+    /// The one projector type pali writes and accepts.
+    pub const PROJECTOR_PALIGEMMA: &str = "paligemma";
+    #[allow(missing_docs)]
+    pub const CLIP_USE_GELU: &str = "clip.use_gelu";
+    #[allow(missing_docs)]
+    pub const V_IMAGE_SIZE: &str = "clip.vision.image_size";
+    #[allow(missing_docs)]
+    pub const V_PATCH_SIZE: &str = "clip.vision.patch_size";
+    #[allow(missing_docs)]
+    pub const V_EMBEDDING_LENGTH: &str = "clip.vision.embedding_length";
+    #[allow(missing_docs)]
+    pub const V_FEED_FORWARD_LENGTH: &str = "clip.vision.feed_forward_length";
+    #[allow(missing_docs)]
+    pub const V_BLOCK_COUNT: &str = "clip.vision.block_count";
+    #[allow(missing_docs)]
+    pub const V_HEAD_COUNT: &str = "clip.vision.attention.head_count";
+    #[allow(missing_docs)]
+    pub const V_LN_EPS: &str = "clip.vision.attention.layer_norm_epsilon";
+    /// Output width of the projector = the decoder's hidden size.
+    pub const V_PROJECTION_DIM: &str = "clip.vision.projection_dim";
+    #[allow(missing_docs)]
+    pub const V_IMAGE_MEAN: &str = "clip.vision.image_mean";
+    #[allow(missing_docs)]
+    pub const V_IMAGE_STD: &str = "clip.vision.image_std";
+    /// PIL resample code of preprocessor_config.json (3 = bicubic).
+    pub const PALI_RESAMPLE: &str = "paligemma.image_resample";
+    /// Pixel rescale factor of preprocessor_config.json (1/255).
+    pub const PALI_RESCALE_FACTOR: &str = "paligemma.image_rescale_factor";
+    /// Image tokens per image, (image_size / patch_size)².
+    pub const PALI_IMAGE_TOKENS: &str = "paligemma.image_token_count";
+    /// Decoder hidden size the projector feeds.
+    pub const PALI_TEXT_HIDDEN: &str = "paligemma.text_hidden_size";
+}
+
+/// How a tensor's values are changed on the way into GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixup {
+    /// Stored as is.
+    None,
+    /// Gemma RMSNorm stores `w` and computes with `1 + w`; llama.cpp multiplies by the stored
+    /// weight, so the converter stores `1 + w` (in F32, to keep the low bits of `w`).
+    AddOne,
+}
+
+/// One entry of a name map: HF suffix, GGUF suffix, fixup.
+pub type NameMapEntry = (&'static str, &'static str, Fixup);
+
+/// GGUF tensor names of the decoder (llama.cpp `gemma2`).
+pub mod decoder {
+    use super::{Fixup, NameMapEntry};
+    /// Token embedding (also the tied output head).
+    pub const TOKEN_EMBD: &str = "token_embd.weight";
+    /// Final RMSNorm.
+    pub const OUTPUT_NORM: &str = "output_norm.weight";
+    /// Global tensors: HF name after the language-model prefix → GGUF name.
+    pub const GLOBAL: &[NameMapEntry] = &[
+        ("embed_tokens.weight", TOKEN_EMBD, Fixup::None),
+        ("norm.weight", OUTPUT_NORM, Fixup::AddOne),
+    ];
+    /// Per-layer tensors: HF suffix after `layers.{i}.` → GGUF suffix after `blk.{i}.`.
+    pub const LAYER: &[NameMapEntry] = &[
+        ("input_layernorm.weight", "attn_norm.weight", Fixup::AddOne),
+        ("self_attn.q_proj.weight", "attn_q.weight", Fixup::None),
+        ("self_attn.k_proj.weight", "attn_k.weight", Fixup::None),
+        ("self_attn.v_proj.weight", "attn_v.weight", Fixup::None),
+        ("self_attn.o_proj.weight", "attn_output.weight", Fixup::None),
+        (
+            "post_attention_layernorm.weight",
+            "post_attention_norm.weight",
+            Fixup::AddOne,
+        ),
+        (
+            "pre_feedforward_layernorm.weight",
+            "ffn_norm.weight",
+            Fixup::AddOne,
+        ),
+        ("mlp.gate_proj.weight", "ffn_gate.weight", Fixup::None),
+        ("mlp.up_proj.weight", "ffn_up.weight", Fixup::None),
+        ("mlp.down_proj.weight", "ffn_down.weight", Fixup::None),
+        (
+            "post_feedforward_layernorm.weight",
+            "post_ffw_norm.weight",
+            Fixup::AddOne,
+        ),
+    ];
+}
+
+/// GGUF tensor names of the vision tower and projector (mmproj file).
+pub mod vision {
+    use super::{Fixup, NameMapEntry};
+    /// Patch embedding kernel, ggml shape `[patch, patch, 3, width]`.
+    pub const PATCH_EMBD_W: &str = "v.patch_embd.weight";
+    #[allow(missing_docs)]
+    pub const PATCH_EMBD_B: &str = "v.patch_embd.bias";
+    /// Learned positions, ggml shape `[width, n_patches]`.
+    pub const POS_EMBD: &str = "v.position_embd.weight";
+    #[allow(missing_docs)]
+    pub const POST_LN_W: &str = "v.post_ln.weight";
+    #[allow(missing_docs)]
+    pub const POST_LN_B: &str = "v.post_ln.bias";
+    /// Projector weight, ggml shape `[width, text_hidden]`.
+    pub const PROJ_W: &str = "mm.input_projection.weight";
+    #[allow(missing_docs)]
+    pub const PROJ_B: &str = "mm.input_projection.bias";
+
+    #[allow(missing_docs)]
+    pub const LN1_W: &str = "ln1.weight";
+    #[allow(missing_docs)]
+    pub const LN1_B: &str = "ln1.bias";
+    #[allow(missing_docs)]
+    pub const Q_W: &str = "attn_q.weight";
+    #[allow(missing_docs)]
+    pub const Q_B: &str = "attn_q.bias";
+    #[allow(missing_docs)]
+    pub const K_W: &str = "attn_k.weight";
+    #[allow(missing_docs)]
+    pub const K_B: &str = "attn_k.bias";
+    #[allow(missing_docs)]
+    pub const V_W: &str = "attn_v.weight";
+    #[allow(missing_docs)]
+    pub const V_B: &str = "attn_v.bias";
+    #[allow(missing_docs)]
+    pub const O_W: &str = "attn_out.weight";
+    #[allow(missing_docs)]
+    pub const O_B: &str = "attn_out.bias";
+    #[allow(missing_docs)]
+    pub const LN2_W: &str = "ln2.weight";
+    #[allow(missing_docs)]
+    pub const LN2_B: &str = "ln2.bias";
+    #[allow(missing_docs)]
+    pub const FC1_W: &str = "ffn_up.weight";
+    #[allow(missing_docs)]
+    pub const FC1_B: &str = "ffn_up.bias";
+    #[allow(missing_docs)]
+    pub const FC2_W: &str = "ffn_down.weight";
+    #[allow(missing_docs)]
+    pub const FC2_B: &str = "ffn_down.bias";
+
+    /// Global vision tensors: HF name after the vision-model prefix → GGUF name.
+    pub const GLOBAL: &[NameMapEntry] = &[
+        (
+            "embeddings.patch_embedding.weight",
+            PATCH_EMBD_W,
+            Fixup::None,
+        ),
+        ("embeddings.patch_embedding.bias", PATCH_EMBD_B, Fixup::None),
+        (
+            "embeddings.position_embedding.weight",
+            POS_EMBD,
+            Fixup::None,
+        ),
+        ("post_layernorm.weight", POST_LN_W, Fixup::None),
+        ("post_layernorm.bias", POST_LN_B, Fixup::None),
+    ];
+    /// Projector tensors: HF name after the projector prefix → GGUF name.
+    pub const PROJECTOR: &[NameMapEntry] = &[
+        ("linear.weight", PROJ_W, Fixup::None),
+        ("linear.bias", PROJ_B, Fixup::None),
+    ];
+    /// Per-layer tensors: HF suffix after `encoder.layers.{i}.` → GGUF suffix after `v.blk.{i}.`.
+    pub const LAYER: &[NameMapEntry] = &[
+        ("layer_norm1.weight", LN1_W, Fixup::None),
+        ("layer_norm1.bias", LN1_B, Fixup::None),
+        ("self_attn.q_proj.weight", Q_W, Fixup::None),
+        ("self_attn.q_proj.bias", Q_B, Fixup::None),
+        ("self_attn.k_proj.weight", K_W, Fixup::None),
+        ("self_attn.k_proj.bias", K_B, Fixup::None),
+        ("self_attn.v_proj.weight", V_W, Fixup::None),
+        ("self_attn.v_proj.bias", V_B, Fixup::None),
+        ("self_attn.out_proj.weight", O_W, Fixup::None),
+        ("self_attn.out_proj.bias", O_B, Fixup::None),
+        ("layer_norm2.weight", LN2_W, Fixup::None),
+        ("layer_norm2.bias", LN2_B, Fixup::None),
+        ("mlp.fc1.weight", FC1_W, Fixup::None),
+        ("mlp.fc1.bias", FC1_B, Fixup::None),
+        ("mlp.fc2.weight", FC2_W, Fixup::None),
+        ("mlp.fc2.bias", FC2_B, Fixup::None),
+    ];
+}
+
+/// GGUF name of a per-layer decoder tensor.
+pub fn decoder_block(layer: usize, suffix: &str) -> String {
+    format!("blk.{layer}.{suffix}")
+}
+
+/// GGUF name of a per-layer vision tensor.
+pub fn vision_block(layer: usize, suffix: &str) -> String {
+    format!("v.blk.{layer}.{suffix}")
+}
+
+/// HF tensor-name prefixes of the three checkpoint layouts in use, for each part.
+pub mod hf_prefixes {
+    /// Decoder (Gemma 2 model body, without the head).
+    pub const LANGUAGE_MODEL: &[&str] = &[
+        "language_model.model.", // hub (transformers 4.4x, Google's repos)
+        "model.language_model.", // transformers >= 4.52
+    ];
+    /// A stored (untied) LM head.
+    pub const LM_HEAD: &[&str] = &["language_model.lm_head.weight", "lm_head.weight"];
+    /// SigLIP vision model.
+    pub const VISION: &[&str] = &[
+        "vision_tower.vision_model.",
+        "model.vision_tower.vision_model.",
+        "model.vision_tower.", // transformers 5
+    ];
+    /// The projector.
+    pub const PROJECTOR: &[&str] = &["multi_modal_projector.", "model.multi_modal_projector."];
+}
+
+/// SentencePiece / llama.cpp token types (same numbering in both).
+pub mod token_type {
+    #[allow(missing_docs)]
+    pub const NORMAL: i32 = 1;
+    #[allow(missing_docs)]
+    pub const UNKNOWN: i32 = 2;
+    #[allow(missing_docs)]
+    pub const CONTROL: i32 = 3;
+    #[allow(missing_docs)]
+    pub const USER_DEFINED: i32 = 4;
+    #[allow(missing_docs)]
+    pub const UNUSED: i32 = 5;
+    #[allow(missing_docs)]
+    pub const BYTE: i32 = 6;
+}
