@@ -174,8 +174,18 @@ impl PaliGemmaConfig {
             .text_config
             .clone()
             .ok_or_else(|| cfg("no text_config".into()))?;
-        let tc: TextConfig =
+        // transformers 5 writes rope_theta inside rope_parameters.
+        let rope_theta = text_v.get("rope_theta").is_none().then(|| {
+            text_v
+                .get("rope_parameters")
+                .and_then(|r| r.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+        });
+        let mut tc: TextConfig =
             serde_json::from_value(text_v).map_err(|e| cfg(format!("text_config: {e}")))?;
+        if let Some(Some(theta)) = rope_theta {
+            tc.rope_theta = theta;
+        }
         if tc.model_type != "gemma2" {
             return Err(cfg(format!(
                 "text_config.model_type is {:?}: only PaliGemma 2 (Gemma 2 decoder, \"gemma2\") is supported",

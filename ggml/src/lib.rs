@@ -5,6 +5,8 @@
 //! It also holds [`schema`], the single definition of pali's GGUF keys and tensor names.
 
 pub mod gguf;
+pub mod graph;
+pub mod llama;
 pub mod logging;
 pub mod quant;
 pub mod schema;

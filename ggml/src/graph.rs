@@ -1,0 +1,431 @@
+//! Safe building blocks for running our own ggml graphs (the SigLIP tower) on the same ggml
+//! backend llama.cpp uses: a [`Backend`], [`Weights`] that point ggml tensors into a GGUF
+//! file (zero-copy mmap on the CPU, uploaded once on a GPU), and a [`Graph`] builder whose
+//! [`Tensor`] handles cannot outlive it.
+
+use crate::gguf::GgufFile;
+use crate::{sys, Error, GgmlType, Result};
+use std::marker::PhantomData;
+use std::path::Path;
+use std::ptr;
+
+/// A ggml compute backend (CPU, or the GPU of a `cuda`/`vulkan`/`metal` build).
+pub struct Backend {
+    raw: sys::ggml_backend_t,
+    is_cpu: bool,
+    threads: i32,
+}
+
+// SAFETY: a backend handle is only used through &mut self or from one thread at a time.
+unsafe impl Send for Backend {}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: owned handle, freed once.
+        unsafe { sys::ggml_backend_free(self.raw) }
+    }
+}
+
+impl Backend {
+    /// The GPU backend if `gpu` is asked for and one is compiled in and present, else the CPU.
+    pub fn new(gpu: bool, threads: i32) -> Result<Self> {
+        crate::logging::init();
+        // SAFETY: device queries and init return NULL on failure, which is checked.
+        unsafe {
+            if gpu {
+                let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_GPU);
+                if !dev.is_null() {
+                    let raw = sys::ggml_backend_dev_init(dev, ptr::null());
+                    if !raw.is_null() {
+                        return Ok(Backend {
+                            raw,
+                            is_cpu: false,
+                            threads,
+                        });
+                    }
+                }
+                log::warn!("no GPU backend available; the vision tower runs on the CPU");
+            }
+            let raw = sys::ggml_backend_cpu_init();
+            if raw.is_null() {
+                return Err(Error::Backend(
+                    "ggml could not start its CPU backend".into(),
+                ));
+            }
+            sys::ggml_backend_cpu_set_n_threads(raw, threads.max(1));
+            Ok(Backend {
+                raw,
+                is_cpu: true,
+                threads,
+            })
+        }
+    }
+
+    /// Whether this is the CPU backend.
+    pub fn is_cpu(&self) -> bool {
+        self.is_cpu
+    }
+
+    /// Threads used on the CPU.
+    pub fn threads(&self) -> i32 {
+        self.threads
+    }
+
+    /// The backend's name (`CPU`, `CUDA0`, …).
+    pub fn name(&self) -> String {
+        // SAFETY: static string owned by the backend.
+        unsafe {
+            std::ffi::CStr::from_ptr(sys::ggml_backend_name(self.raw))
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+}
+
+/// The tensors of a GGUF file, readable by graphs on one backend.
+pub struct Weights {
+    file: GgufFile,
+    _map: memmap2::Mmap,
+    buffer: sys::ggml_backend_buffer_t,
+}
+
+// SAFETY: the buffer and contexts are owned and not shared with other threads concurrently.
+unsafe impl Send for Weights {}
+
+impl Drop for Weights {
+    fn drop(&mut self) {
+        // SAFETY: owned buffer, freed before the mapping it may point into (field order).
+        unsafe { sys::ggml_backend_buffer_free(self.buffer) }
+    }
+}
+
+impl Weights {
+    /// Maps `path` and makes its tensors usable on `backend`: the CPU computes straight from
+    /// the page cache; other backends get one upload.
+    pub fn load(path: &Path, backend: &Backend) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping of a file we do not modify.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        let data = file.data_offset() as usize;
+        let infos = file.tensors();
+        for t in &infos {
+            if data as u64 + t.offset + t.size > map.len() as u64 {
+                return Err(Error::Invalid(format!(
+                    "{}: tensor {} runs past the end of the file (truncated?)",
+                    path.display(),
+                    t.name
+                )));
+            }
+        }
+        let meta = file.raw_meta_ctx();
+        // SAFETY: all pointers come from ggml; each tensor's data range was checked above.
+        let buffer = unsafe {
+            if backend.is_cpu {
+                let base = map.as_ptr().add(data) as *mut std::ffi::c_void;
+                let size = map.len() - data;
+                let buf = sys::ggml_backend_cpu_buffer_from_ptr(base, size);
+                if buf.is_null() {
+                    return Err(Error::Backend(
+                        "ggml could not wrap the mapped weights".into(),
+                    ));
+                }
+                for t in &infos {
+                    let raw = file.raw_tensor(&t.name).expect("tensor from the same file");
+                    sys::ggml_backend_tensor_alloc(buf, raw, base.add(t.offset as usize));
+                }
+                buf
+            } else {
+                let buf = sys::ggml_backend_alloc_ctx_tensors(meta, backend.raw);
+                if buf.is_null() {
+                    return Err(Error::Backend(format!(
+                        "could not allocate {} on {}",
+                        path.display(),
+                        backend.name()
+                    )));
+                }
+                for t in &infos {
+                    let raw = file.raw_tensor(&t.name).expect("tensor from the same file");
+                    let src = map.as_ptr().add(data + t.offset as usize);
+                    sys::ggml_backend_tensor_set(raw, src as *const _, 0, t.size as usize);
+                }
+                buf
+            }
+        };
+        // SAFETY: valid buffer.
+        unsafe {
+            sys::ggml_backend_buffer_set_usage(buffer, sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        };
+        Ok(Weights {
+            file,
+            _map: map,
+            buffer,
+        })
+    }
+
+    /// The GGUF metadata.
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+}
+
+/// A handle to a tensor of a [`Graph`] (or a weight), valid while the graph lives.
+#[derive(Clone, Copy)]
+pub struct Tensor<'g> {
+    raw: *mut sys::ggml_tensor,
+    _g: PhantomData<&'g ()>,
+}
+
+impl Tensor<'_> {
+    /// ggml shape.
+    pub fn ne(&self) -> [i64; 4] {
+        // SAFETY: valid tensor for the graph's lifetime.
+        unsafe { (*self.raw).ne }
+    }
+
+    /// Element type.
+    pub fn ty(&self) -> GgmlType {
+        // SAFETY: as above.
+        GgmlType(unsafe { (*self.raw).type_ })
+    }
+}
+
+/// A computation graph under construction, then run on a backend.
+pub struct Graph<'w> {
+    ctx: *mut sys::ggml_context,
+    gf: *mut sys::ggml_cgraph,
+    weights: &'w Weights,
+    inputs: std::cell::RefCell<Vec<(*mut sys::ggml_tensor, Vec<f32>)>>,
+    galloc: std::cell::Cell<sys::ggml_gallocr_t>,
+}
+
+impl Drop for Graph<'_> {
+    fn drop(&mut self) {
+        // SAFETY: owned allocator and context, freed once.
+        unsafe {
+            if !self.galloc.get().is_null() {
+                sys::ggml_gallocr_free(self.galloc.get());
+            }
+            sys::ggml_free(self.ctx);
+        }
+    }
+}
+
+const MAX_NODES: usize = 8192;
+
+macro_rules! unary {
+    ($(#[$m:meta])* $name:ident, $f:ident) => {
+        $(#[$m])*
+        pub fn $name(&self, a: Tensor<'_>) -> Tensor<'_> {
+            // SAFETY: valid context and tensor.
+            self.wrap(unsafe { sys::$f(self.ctx, a.raw) })
+        }
+    };
+}
+macro_rules! binary {
+    ($(#[$m:meta])* $name:ident, $f:ident) => {
+        $(#[$m])*
+        pub fn $name(&self, a: Tensor<'_>, b: Tensor<'_>) -> Tensor<'_> {
+            // SAFETY: valid context and tensors; ggml asserts shape compatibility.
+            self.wrap(unsafe { sys::$f(self.ctx, a.raw, b.raw) })
+        }
+    };
+}
+
+impl<'w> Graph<'w> {
+    /// A new, empty graph reading weights from `weights`.
+    pub fn new(weights: &'w Weights) -> Self {
+        // SAFETY: metadata-only context sized for MAX_NODES tensors and one graph.
+        unsafe {
+            let mem = sys::ggml_tensor_overhead() * MAX_NODES
+                + sys::ggml_graph_overhead_custom(MAX_NODES, false);
+            let ctx = sys::ggml_init(sys::ggml_init_params {
+                mem_size: mem,
+                mem_buffer: ptr::null_mut(),
+                no_alloc: true,
+            });
+            let gf = sys::ggml_new_graph_custom(ctx, MAX_NODES, false);
+            Graph {
+                ctx,
+                gf,
+                weights,
+                inputs: Default::default(),
+                galloc: std::cell::Cell::new(ptr::null_mut()),
+            }
+        }
+    }
+
+    fn wrap(&self, raw: *mut sys::ggml_tensor) -> Tensor<'_> {
+        assert!(!raw.is_null(), "ggml returned no tensor");
+        Tensor {
+            raw,
+            _g: PhantomData,
+        }
+    }
+
+    /// A weight of the GGUF file by name.
+    pub fn weight(&self, name: &str) -> Result<Tensor<'_>> {
+        let raw = self.weights.file.raw_tensor(name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: tensor {name} is missing",
+                self.weights.file.path().display()
+            ))
+        })?;
+        Ok(self.wrap(raw))
+    }
+
+    /// An F32 input tensor of shape `ne` filled with `data` when the graph runs.
+    pub fn input(&self, ne: &[i64], data: Vec<f32>) -> Tensor<'_> {
+        assert_eq!(
+            ne.iter().product::<i64>() as usize,
+            data.len(),
+            "input size"
+        );
+        // SAFETY: valid context; the tensor is allocated by the graph allocator later.
+        let raw = unsafe {
+            let t =
+                sys::ggml_new_tensor(self.ctx, sys::GGML_TYPE_F32, ne.len() as i32, ne.as_ptr());
+            sys::ggml_set_input(t);
+            t
+        };
+        self.inputs.borrow_mut().push((raw, data));
+        self.wrap(raw)
+    }
+
+    binary!(
+        #[doc = "`a·b` over ne0 (weights first): result `[a.ne1, b.ne1, …]`."]
+        mul_mat,
+        ggml_mul_mat
+    );
+    binary!(
+        #[doc = "Element-wise sum with broadcasting of `b`."]
+        add,
+        ggml_add
+    );
+    binary!(
+        #[doc = "Element-wise product with broadcasting of `b`."]
+        mul,
+        ggml_mul
+    );
+    unary!(
+        #[doc = "tanh."]
+        tanh,
+        ggml_tanh
+    );
+    unary!(
+        #[doc = "Makes a tensor contiguous."]
+        cont,
+        ggml_cont
+    );
+
+    /// Normalises over ne0 (mean 0, variance 1): the LayerNorm core.
+    pub fn norm(&self, a: Tensor<'_>, eps: f32) -> Tensor<'_> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_norm(self.ctx, a.raw, eps) })
+    }
+
+    /// `a·s + b` element-wise.
+    pub fn scale_bias(&self, a: Tensor<'_>, s: f32, b: f32) -> Tensor<'_> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_scale_bias(self.ctx, a.raw, s, b) })
+    }
+
+    /// `a·s`.
+    pub fn scale(&self, a: Tensor<'_>, s: f32) -> Tensor<'_> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_scale(self.ctx, a.raw, s) })
+    }
+
+    /// View with a new shape (same number of elements; `a` must be contiguous).
+    pub fn reshape(&self, a: Tensor<'_>, ne: &[i64]) -> Tensor<'_> {
+        // SAFETY: valid context and tensor; ggml asserts the element count.
+        self.wrap(unsafe {
+            match ne.len() {
+                1 => sys::ggml_reshape_1d(self.ctx, a.raw, ne[0]),
+                2 => sys::ggml_reshape_2d(self.ctx, a.raw, ne[0], ne[1]),
+                3 => sys::ggml_reshape_3d(self.ctx, a.raw, ne[0], ne[1], ne[2]),
+                _ => sys::ggml_reshape_4d(self.ctx, a.raw, ne[0], ne[1], ne[2], ne[3]),
+            }
+        })
+    }
+
+    /// Permutes axes (ggml semantics: axis i of `a` goes to position `axes[i]`).
+    pub fn permute(&self, a: Tensor<'_>, axes: [i32; 4]) -> Tensor<'_> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_permute(self.ctx, a.raw, axes[0], axes[1], axes[2], axes[3]) })
+    }
+
+    /// Converts to another element type.
+    pub fn cast(&self, a: Tensor<'_>, ty: GgmlType) -> Tensor<'_> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_cast(self.ctx, a.raw, ty.0) })
+    }
+
+    /// Unmasked attention `softmax(q·kᵀ·scale)·v` in one fused op, accumulating in F32.
+    /// q, k, v: `[head_dim, tokens, heads]`. Result: `[head_dim, heads, tokens]`.
+    pub fn flash_attn(
+        &self,
+        q: Tensor<'_>,
+        k: Tensor<'_>,
+        v: Tensor<'_>,
+        scale: f32,
+    ) -> Tensor<'_> {
+        // SAFETY: valid context and tensors; no mask, no ALiBi, no soft-cap.
+        self.wrap(unsafe {
+            let t = sys::ggml_flash_attn_ext(
+                self.ctx,
+                q.raw,
+                k.raw,
+                v.raw,
+                ptr::null_mut(),
+                scale,
+                0.0,
+                0.0,
+            );
+            sys::ggml_flash_attn_ext_set_prec(t, sys::GGML_PREC_F32);
+            t
+        })
+    }
+
+    /// Runs the graph up to `out` on `backend` and returns `out`'s values (F32).
+    /// The compute buffer is freed when the graph is dropped.
+    pub fn compute(&self, out: Tensor<'_>, backend: &Backend) -> Result<Vec<f32>> {
+        // SAFETY: all tensors belong to this context; the allocator sizes every buffer from
+        // the graph; inputs are written with their exact byte sizes.
+        unsafe {
+            sys::ggml_set_output(out.raw);
+            sys::ggml_build_forward_expand(self.gf, out.raw);
+            if !self.galloc.get().is_null() {
+                return Err(Error::Backend("a graph can only be computed once".into()));
+            }
+            self.galloc.set(sys::ggml_gallocr_new(
+                sys::ggml_backend_get_default_buffer_type(backend.raw),
+            ));
+            if !sys::ggml_gallocr_alloc_graph(self.galloc.get(), self.gf) {
+                return Err(Error::Backend(format!(
+                    "out of memory for the vision graph on {}",
+                    backend.name()
+                )));
+            }
+            for (t, data) in self.inputs.borrow().iter() {
+                sys::ggml_backend_tensor_set(*t, data.as_ptr() as *const _, 0, data.len() * 4);
+            }
+            if backend.is_cpu {
+                sys::ggml_backend_cpu_set_n_threads(backend.raw, backend.threads.max(1));
+            }
+            let st = sys::ggml_backend_graph_compute(backend.raw, self.gf);
+            if st != sys::GGML_STATUS_SUCCESS {
+                return Err(Error::Backend(format!(
+                    "ggml graph compute failed with status {st}"
+                )));
+            }
+            if (*out.raw).type_ != sys::GGML_TYPE_F32 {
+                return Err(Error::Backend("graph output is not F32".into()));
+            }
+            let n = sys::ggml_nelements(out.raw) as usize;
+            let mut v = vec![0f32; n];
+            sys::ggml_backend_tensor_get(out.raw, v.as_mut_ptr() as *mut _, 0, n * 4);
+            Ok(v)
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! A small safe wrapper over llama.cpp for the Gemma 2 decoder: load a model (with metadata
+//! overrides), make a context sized for one request, decode a batch of embeddings with the
+//! causal mask switched off (PaliGemma's prefix), then single tokens causally.
+
+use crate::{sys, Error, Result};
+use std::ffi::CString;
+use std::path::Path;
+use std::ptr;
+
+/// Model loading options.
+#[derive(Debug, Clone, Default)]
+pub struct ModelParams {
+    /// Layers to offload to a GPU (GPU builds only); -1 = all.
+    pub n_gpu_layers: i32,
+    /// Integer metadata overrides, e.g. the sliding window.
+    pub int_overrides: Vec<(String, i64)>,
+    /// Load only the vocabulary (for tokenizer checks).
+    pub vocab_only: bool,
+}
+
+/// A loaded llama.cpp model.
+pub struct LlamaModel {
+    raw: *mut sys::llama_model,
+}
+
+// SAFETY: llama_model is immutable after loading and documented as shareable across contexts.
+unsafe impl Send for LlamaModel {}
+// SAFETY: as above.
+unsafe impl Sync for LlamaModel {}
+
+impl Drop for LlamaModel {
+    fn drop(&mut self) {
+        // SAFETY: owned pointer, freed once.
+        unsafe { sys::llama_model_free(self.raw) }
+    }
+}
+
+impl LlamaModel {
+    /// Loads a GGUF model (memory-mapped).
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Self> {
+        crate::logging::init();
+        let cpath = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| Error::Invalid(format!("bad path {}", path.display())))?;
+        let mut overrides: Vec<sys::llama_model_kv_override> = Vec::new();
+        for (key, val) in &params.int_overrides {
+            // SAFETY: zeroed is a valid bit pattern for this plain C struct.
+            let mut o: sys::llama_model_kv_override = unsafe { std::mem::zeroed() };
+            if key.len() >= o.key.len() {
+                return Err(Error::Invalid(format!("override key too long: {key}")));
+            }
+            for (d, s) in o.key.iter_mut().zip(key.bytes()) {
+                *d = s as std::os::raw::c_char;
+            }
+            o.tag = sys::LLAMA_KV_OVERRIDE_TYPE_INT;
+            o.__bindgen_anon_1.val_i64 = *val;
+            overrides.push(o);
+        }
+        // SAFETY: zeroed terminator (empty key) ends the list, as llama.cpp expects.
+        overrides.push(unsafe { std::mem::zeroed() });
+        // SAFETY: default params plus valid pointers that outlive the call.
+        let raw = unsafe {
+            let mut p = sys::llama_model_default_params();
+            p.n_gpu_layers = params.n_gpu_layers;
+            p.vocab_only = params.vocab_only;
+            if params.int_overrides.is_empty() {
+                p.kv_overrides = ptr::null();
+            } else {
+                p.kv_overrides = overrides.as_ptr();
+            }
+            sys::llama_model_load_from_file(cpath.as_ptr(), p)
+        };
+        if raw.is_null() {
+            return Err(Error::Backend(format!(
+                "llama.cpp could not load {} (not a gemma2 GGUF, or corrupt; RUST_LOG=llama.cpp=debug shows why)",
+                path.display()
+            )));
+        }
+        Ok(LlamaModel { raw })
+    }
+
+    /// Hidden size.
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: valid model.
+        unsafe { sys::llama_model_n_embd(self.raw) as usize }
+    }
+
+    /// Vocabulary size (= embedding rows).
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: valid model and its vocab.
+        unsafe { sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(self.raw)) as usize }
+    }
+
+    /// Tokenizes with llama.cpp's own tokenizer (special pieces such as `<loc0001>` parsed).
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<i32>> {
+        let vocab = unsafe { sys::llama_model_get_vocab(self.raw) };
+        let mut out = vec![0i32; text.len() + 8];
+        // SAFETY: buffer sizes passed explicitly; a negative result is the needed size.
+        let mut n = unsafe {
+            sys::llama_tokenize(
+                vocab,
+                text.as_ptr() as *const _,
+                text.len() as i32,
+                out.as_mut_ptr(),
+                out.len() as i32,
+                add_bos,
+                true,
+            )
+        };
+        if n < 0 {
+            out.resize((-n) as usize, 0);
+            // SAFETY: as above with the size llama.cpp asked for.
+            n = unsafe {
+                sys::llama_tokenize(
+                    vocab,
+                    text.as_ptr() as *const _,
+                    text.len() as i32,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    add_bos,
+                    true,
+                )
+            };
+            if n < 0 {
+                return Err(Error::Backend("llama_tokenize failed".into()));
+            }
+        }
+        out.truncate(n as usize);
+        Ok(out)
+    }
+}
+
+/// Context options.
+#[derive(Debug, Clone)]
+pub struct ContextParams {
+    /// KV cache size in tokens.
+    pub n_ctx: u32,
+    /// Largest batch (and micro-batch): a non-causal prefix must fit in one.
+    pub n_batch: u32,
+    /// Threads for single-token decoding.
+    pub threads: i32,
+    /// Threads for batch (prefix) decoding.
+    pub threads_batch: i32,
+    /// Use flash attention.
+    pub flash_attn: bool,
+    /// KV cache element type (F16 by default; F32 for bit-level checks).
+    pub kv_f32: bool,
+}
+
+/// A decoding context over a [`LlamaModel`].
+pub struct LlamaContext<'m> {
+    raw: *mut sys::llama_context,
+    model: &'m LlamaModel,
+    n_batch: u32,
+    n_ctx: u32,
+}
+
+impl Drop for LlamaContext<'_> {
+    fn drop(&mut self) {
+        // SAFETY: owned pointer, freed once.
+        unsafe { sys::llama_free(self.raw) }
+    }
+}
+
+impl<'m> LlamaContext<'m> {
+    /// Creates a context.
+    pub fn new(model: &'m LlamaModel, p: &ContextParams) -> Result<Self> {
+        // SAFETY: default params with plain values; NULL result checked.
+        let raw = unsafe {
+            let mut c = sys::llama_context_default_params();
+            c.n_ctx = p.n_ctx;
+            c.n_batch = p.n_batch;
+            c.n_ubatch = p.n_batch;
+            c.n_seq_max = 1;
+            c.n_threads = p.threads;
+            c.n_threads_batch = p.threads_batch;
+            c.no_perf = true;
+            c.flash_attn_type = if p.flash_attn {
+                sys::LLAMA_FLASH_ATTN_TYPE_ENABLED
+            } else {
+                sys::LLAMA_FLASH_ATTN_TYPE_DISABLED
+            };
+            if p.kv_f32 {
+                c.type_k = sys::GGML_TYPE_F32;
+                c.type_v = sys::GGML_TYPE_F32;
+            }
+            sys::llama_init_from_model(model.raw, c)
+        };
+        if raw.is_null() {
+            return Err(Error::Backend(format!(
+                "llama.cpp could not create a context of {} tokens (out of memory?)",
+                p.n_ctx
+            )));
+        }
+        Ok(LlamaContext {
+            raw,
+            model,
+            n_batch: p.n_batch,
+            n_ctx: p.n_ctx,
+        })
+    }
+
+    /// Forgets everything decoded so far.
+    pub fn clear(&mut self) {
+        // SAFETY: valid context and its memory.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.raw), true) }
+    }
+
+    /// Decodes `n` rows of embeddings at positions `pos0..pos0+n` in ONE batch, with
+    /// bidirectional attention among them when `causal` is false. Logits are kept for the
+    /// last row only.
+    pub fn decode_embeddings(&mut self, embd: &[f32], pos0: i32, causal: bool) -> Result<()> {
+        let d = self.model.n_embd();
+        if embd.is_empty() || embd.len() % d != 0 {
+            return Err(Error::Invalid(format!(
+                "embedding batch of {} values is not a multiple of {d}",
+                embd.len()
+            )));
+        }
+        let n = embd.len() / d;
+        // llama.cpp aborts the process on a non-causal batch larger than n_ubatch: refuse first.
+        if n as u32 > self.n_batch {
+            return Err(Error::Invalid(format!(
+                "prefix of {n} tokens exceeds the batch size {}",
+                self.n_batch
+            )));
+        }
+        if pos0 as usize + n > self.n_ctx as usize {
+            return Err(Error::Invalid(format!(
+                "prefix of {n} tokens does not fit the context of {}",
+                self.n_ctx
+            )));
+        }
+        // SAFETY: the batch is allocated for n tokens of width d, fully initialised below,
+        // and freed after decoding.
+        unsafe {
+            let mut b = sys::llama_batch_init(n as i32, d as i32, 1);
+            ptr::copy_nonoverlapping(embd.as_ptr(), b.embd, embd.len());
+            for i in 0..n {
+                *b.pos.add(i) = pos0 + i as i32;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = 0;
+                *b.logits.add(i) = (i == n - 1) as i8;
+            }
+            b.n_tokens = n as i32;
+            sys::llama_set_causal_attn(self.raw, causal);
+            let rc = sys::llama_decode(self.raw, b);
+            sys::llama_set_causal_attn(self.raw, true);
+            sys::llama_batch_free(b);
+            if rc != 0 {
+                return Err(Error::Backend(format!(
+                    "llama_decode of the prefix failed (code {rc})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one token at `pos` (causal).
+    pub fn decode_token(&mut self, token: i32, pos: i32) -> Result<()> {
+        if pos as u32 >= self.n_ctx {
+            return Err(Error::Invalid(format!(
+                "position {pos} is past the context of {}",
+                self.n_ctx
+            )));
+        }
+        // SAFETY: one-token batch, fully initialised, freed after use.
+        unsafe {
+            let mut b = sys::llama_batch_init(1, 0, 1);
+            *b.token = token;
+            *b.pos = pos;
+            *b.n_seq_id = 1;
+            **b.seq_id = 0;
+            *b.logits = 1;
+            b.n_tokens = 1;
+            let rc = sys::llama_decode(self.raw, b);
+            sys::llama_batch_free(b);
+            if rc != 0 {
+                return Err(Error::Backend(format!(
+                    "llama_decode of token {token} failed (code {rc})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes token ids in one causal batch (text-only use), logits for the last.
+    pub fn decode_tokens(&mut self, tokens: &[i32], pos0: i32) -> Result<()> {
+        if tokens.is_empty() || tokens.len() as u32 > self.n_batch {
+            return Err(Error::Invalid(format!(
+                "{} tokens do not fit the batch size {}",
+                tokens.len(),
+                self.n_batch
+            )));
+        }
+        // SAFETY: batch sized for the tokens, fully initialised, freed after use.
+        unsafe {
+            let n = tokens.len();
+            let mut b = sys::llama_batch_init(n as i32, 0, 1);
+            for (i, &t) in tokens.iter().enumerate() {
+                *b.token.add(i) = t;
+                *b.pos.add(i) = pos0 + i as i32;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = 0;
+                *b.logits.add(i) = (i == n - 1) as i8;
+            }
+            b.n_tokens = n as i32;
+            let rc = sys::llama_decode(self.raw, b);
+            sys::llama_batch_free(b);
+            if rc != 0 {
+                return Err(Error::Backend(format!("llama_decode failed (code {rc})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits of the last decoded row that asked for them (all embedding rows).
+    pub fn logits(&self) -> &[f32] {
+        // SAFETY: llama.cpp keeps n_vocab floats for the last output until the next decode;
+        // the borrow of self prevents a decode while the slice lives.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.raw, -1);
+            std::slice::from_raw_parts(p, self.model.n_vocab())
+        }
+    }
+}

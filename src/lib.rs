@@ -1,0 +1,330 @@
+//! pali: PaliGemma 2 on the edge.
+//!
+//! The SigLIP vision tower runs as pali's own ggml graph ([`siglip`], [`projector`]), the
+//! Gemma 2 decoder on llama.cpp ([`session`]), both on the same ggml. Load a [`Model`] once,
+//! then [`Model::generate`] as often as needed:
+//!
+//! ```no_run
+//! use pali::{Model, ModelPaths, LoadOptions, GenerateOptions, Task};
+//! let model = Model::load(&ModelPaths::new("model.gguf", "mmproj.gguf"), &LoadOptions::default())?;
+//! let image = pali::preprocess::load_image("cat.jpg".as_ref(), pali::MAX_IMAGE_PIXELS)?;
+//! let out = model.generate(&image, &Task::Caption { lang: "en".into(), long: false }.prompt(),
+//!                          &GenerateOptions::default(), &mut |piece| print!("{piece}"))?;
+//! println!("\n{} tokens", out.tokens.len());
+//! # Ok::<(), pali::Error>(())
+//! ```
+
+pub mod preprocess;
+pub mod projector;
+pub mod prompt;
+pub mod session;
+pub mod siglip;
+
+pub use prompt::Task;
+pub use session::{Sampling, SlidingWindow};
+
+use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
+use session::{DecodeOptions, Decoder, DecoderOptions};
+use siglip::{VisionEncoder, VisionOutput};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that can go wrong, with messages that name the file, key or input concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An image could not be read or is unusable.
+    #[error(transparent)]
+    Image(#[from] preprocess::PreprocessError),
+    /// A model file is missing, of the wrong kind, or inconsistent.
+    #[error("{0}")]
+    Model(String),
+    /// The prompt does not fit.
+    #[error("{0}")]
+    Prompt(String),
+    /// File system errors.
+    #[error("{0}")]
+    Io(String),
+    /// ggml / llama.cpp errors.
+    #[error(transparent)]
+    Ggml(#[from] pali_ggml::Error),
+}
+
+/// Largest image accepted, in pixels (Pillow's decompression-bomb error threshold): bigger
+/// files are refused before their pixels are decoded.
+pub const MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// Result with pali's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The two files of a converted model.
+#[derive(Debug, Clone)]
+pub struct ModelPaths {
+    /// Decoder GGUF (`-m`).
+    pub decoder: PathBuf,
+    /// Vision GGUF (`--mmproj`).
+    pub mmproj: PathBuf,
+}
+
+impl ModelPaths {
+    /// Both paths.
+    pub fn new(decoder: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> Self {
+        ModelPaths {
+            decoder: decoder.into(),
+            mmproj: mmproj.into(),
+        }
+    }
+}
+
+/// Model loading options.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads for the vision tower and the decoder (default: physical cores).
+    pub threads: i32,
+    /// Decoder layers on the GPU (GPU builds); the vision tower follows onto the GPU when > 0.
+    pub n_gpu_layers: i32,
+    /// Sliding-window treatment.
+    pub sliding_window: SlidingWindow,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: default_threads(),
+            n_gpu_layers: 0,
+            sliding_window: SlidingWindow::Off,
+        }
+    }
+}
+
+/// Physical core count (hyper-threads do not help ggml's matmuls).
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 64) as i32
+}
+
+/// Per-request options.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Maximum tokens to generate (`-n`).
+    pub n_predict: usize,
+    /// Sampling (greedy by default).
+    pub sampling: Sampling,
+    /// Largest context (`-c`); 0 = just what the request needs.
+    pub max_ctx: usize,
+    /// F32 KV cache (exactness checks).
+    pub kv_f32: bool,
+    /// Flash attention in the decoder.
+    pub flash_attn: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            n_predict: 64,
+            sampling: Sampling::default(),
+            max_ctx: 0,
+            kv_f32: false,
+            flash_attn: false,
+        }
+    }
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    #[allow(missing_docs)]
+    pub preprocess_ms: f64,
+    #[allow(missing_docs)]
+    pub vision_ms: f64,
+    #[allow(missing_docs)]
+    pub prefill_ms: f64,
+    #[allow(missing_docs)]
+    pub decode_ms: f64,
+    /// Prefix tokens (image + text).
+    pub n_prefix: usize,
+    /// Generated tokens.
+    pub n_gen: usize,
+    #[allow(missing_docs)]
+    pub decode_tok_s: f64,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The generated text (special tokens dropped, `<loc>`/`<seg>` kept).
+    pub text: String,
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Logits of the first generated position, over the real vocabulary.
+    pub first_logits: Vec<f32>,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// A loaded PaliGemma 2 model: vision tower + decoder.
+pub struct Model {
+    vision: VisionEncoder,
+    decoder: Decoder,
+    preprocess: PreprocessConfig,
+    threads: i32,
+}
+
+impl Model {
+    /// Loads both files and checks that they belong together.
+    pub fn load(paths: &ModelPaths, opts: &LoadOptions) -> Result<Self> {
+        for (p, flag) in [(&paths.decoder, "-m"), (&paths.mmproj, "--mmproj")] {
+            if !p.exists() {
+                return Err(Error::Io(format!("{flag} {}: file not found", p.display())));
+            }
+        }
+        let vision = VisionEncoder::load(&paths.mmproj, opts.n_gpu_layers > 0, opts.threads)?;
+        let decoder = Decoder::load(
+            &paths.decoder,
+            &DecoderOptions {
+                n_gpu_layers: opts.n_gpu_layers,
+                sliding_window: opts.sliding_window,
+            },
+        )?;
+        let vc = vision.config();
+        if vc.projection_dim != decoder.hidden() {
+            return Err(Error::Model(format!(
+                "{} projects to width {}, but the decoder {} has hidden size {}: they are from different models",
+                paths.mmproj.display(),
+                vc.projection_dim,
+                paths.decoder.display(),
+                decoder.hidden()
+            )));
+        }
+        let preprocess = PreprocessConfig {
+            image_size: vc.image_size as u32,
+            mean: vc.mean,
+            std: vc.std,
+            rescale_factor: vc.rescale_factor,
+            resample: ResampleFilter::from_pil_code(vc.resample)?,
+            max_pixels: MAX_IMAGE_PIXELS,
+        };
+        Ok(Model {
+            vision,
+            decoder,
+            preprocess,
+            threads: opts.threads,
+        })
+    }
+
+    /// Preprocessing settings (from the mmproj file).
+    pub fn preprocess_config(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    /// The vision tower.
+    pub fn vision(&self) -> &VisionEncoder {
+        &self.vision
+    }
+
+    /// The decoder.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// Projected image features `[n_tokens][hidden]` for an image.
+    pub fn image_features(&self, image: &RgbImage) -> Result<Vec<f32>> {
+        let pixels = preprocess::preprocess(image, &self.preprocess);
+        self.vision.encode(&pixels, VisionOutput::Projected)
+    }
+
+    /// Runs `prompt` on `image`; `on_text` receives the output as it is generated.
+    pub fn generate(
+        &self,
+        image: &RgbImage,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let t0 = Instant::now();
+        let pixels = preprocess::preprocess(image, &self.preprocess);
+        let preprocess_ms = ms(t0);
+        let t1 = Instant::now();
+        let features = self.vision.encode(&pixels, VisionOutput::Projected)?;
+        let vision_ms = ms(t1);
+        self.generate_from_features(&features, prompt, opts, on_text, preprocess_ms, vision_ms)
+    }
+
+    /// Like [`Model::generate`], from already computed image features.
+    pub fn generate_from_features(
+        &self,
+        features: &[f32],
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+        preprocess_ms: f64,
+        vision_ms: f64,
+    ) -> Result<Generation> {
+        let prefix = self.decoder.prefix(features, prompt)?;
+        let dopts = DecodeOptions {
+            threads: self.threads,
+            flash_attn: opts.flash_attn,
+            kv_f32: opts.kv_f32,
+            max_ctx: opts.max_ctx,
+        };
+        let g = self
+            .decoder
+            .generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
+        let n_gen = g.tokens.len();
+        let timings = Timings {
+            preprocess_ms,
+            vision_ms,
+            prefill_ms: g.prefill_ms,
+            decode_ms: g.decode_ms,
+            n_prefix: prefix.len(),
+            n_gen,
+            decode_tok_s: if g.decode_ms > 0.0 {
+                n_gen as f64 / (g.decode_ms / 1e3)
+            } else {
+                0.0
+            },
+        };
+        Ok(Generation {
+            text: g.text,
+            tokens: g.tokens,
+            first_logits: g.first_logits,
+            timings,
+        })
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Default model files when no `-m` is given: the bundled model next to the executable's
+/// source tree (`models/`), if present.
+pub fn default_model_paths(root: &Path) -> Option<ModelPaths> {
+    let dir = root.join("models/demo");
+    let find = |prefix: bool| -> Option<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with("mmproj-") == prefix)
+            })
+            .collect();
+        v.sort();
+        v.into_iter().next()
+    };
+    Some(ModelPaths {
+        decoder: find(false)?,
+        mmproj: find(true)?,
+    })
+}

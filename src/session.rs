@@ -1,0 +1,498 @@
+//! The Gemma 2 decoder on llama.cpp: builds the PaliGemma prefix as ONE batch of embeddings
+//! decoded with bidirectional attention (prefix-LM), then generates causally.
+
+use crate::{Error, Result};
+use pali_ggml::gguf::GgufFile;
+use pali_ggml::llama::{ContextParams, LlamaContext, LlamaModel, ModelParams};
+use pali_ggml::schema::{decoder as names, keys};
+use pali_ggml::GgmlType;
+use std::path::Path;
+
+/// How the decoder treats Gemma 2's sliding window (see README "Sliding window").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlidingWindow {
+    /// Full attention on every layer, as big_vision trained PaliGemma (and as HF computes
+    /// whenever the sequence is shorter than the window). The default.
+    #[default]
+    Off,
+    /// llama.cpp's own Gemma 2 behaviour: a past-only window on every other layer, also
+    /// inside the prefix. Differs from both HF and big_vision beyond 4096 tokens.
+    LlamaCpp,
+}
+
+/// Decoder loading options.
+#[derive(Debug, Clone)]
+pub struct DecoderOptions {
+    /// GPU layers (GPU builds).
+    pub n_gpu_layers: i32,
+    /// Sliding-window treatment.
+    pub sliding_window: SlidingWindow,
+}
+
+/// Per-request decoding options.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Threads.
+    pub threads: i32,
+    /// Flash attention in the decoder.
+    pub flash_attn: bool,
+    /// F32 KV cache instead of F16 (slower, for exactness checks).
+    pub kv_f32: bool,
+    /// Largest context allowed (`-c`); 0 = prefix + n_predict.
+    pub max_ctx: usize,
+}
+
+/// Rows of the decoder's token embedding table, read straight from the mapped GGUF
+/// (dequantized on demand) so the prompt can join the image in one embedding batch.
+struct TokenEmbeddings {
+    map: memmap2::Mmap,
+    offset: usize,
+    ty: GgmlType,
+    width: usize,
+    rows: usize,
+}
+
+impl TokenEmbeddings {
+    fn open(path: &Path, f: &GgufFile) -> Result<Self> {
+        let t = f
+            .tensors()
+            .into_iter()
+            .find(|t| t.name == names::TOKEN_EMBD)
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: no {} tensor",
+                    path.display(),
+                    names::TOKEN_EMBD
+                ))
+            })?;
+        let file =
+            std::fs::File::open(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        // SAFETY: read-only mapping of a model file we do not modify.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        let offset = (f.data_offset() + t.offset) as usize;
+        if offset as u64 + t.size > map.len() as u64 || t.ne.len() != 2 {
+            return Err(Error::Model(format!(
+                "{}: {} is truncated or malformed",
+                path.display(),
+                names::TOKEN_EMBD
+            )));
+        }
+        Ok(TokenEmbeddings {
+            map,
+            offset,
+            ty: t.ty,
+            width: t.ne[0] as usize,
+            rows: t.ne[1] as usize,
+        })
+    }
+
+    fn row(&self, id: u32) -> Result<Vec<f32>> {
+        let id = id as usize;
+        if id >= self.rows {
+            return Err(Error::Model(format!(
+                "token id {id} is outside the {}-row embedding",
+                self.rows
+            )));
+        }
+        let rs = self.ty.row_size(self.width as i64);
+        let bytes = &self.map[self.offset + id * rs..self.offset + (id + 1) * rs];
+        Ok(pali_ggml::quant::to_f32(self.ty, bytes)?)
+    }
+}
+
+/// The loaded decoder: llama.cpp model, HF tokenizer and vocabulary facts.
+pub struct Decoder {
+    model: LlamaModel,
+    embeddings: TokenEmbeddings,
+    tokenizer: tokenizers::Tokenizer,
+    /// Ids at or above this are padding / `<image>` and are never generated.
+    vocab_real: usize,
+    bos: u32,
+    newline: Vec<u32>,
+    stop: Vec<u32>,
+    hidden: usize,
+    sliding_window: SlidingWindow,
+}
+
+/// The PaliGemma prefix as decoder input rows: `[image × N][<bos>][prompt…]["\n"]`, each
+/// already scaled for llama.cpp's input multiplication by √hidden.
+pub struct PrefixBatch {
+    /// Row-major `[n_tokens][hidden]`.
+    pub rows: Vec<f32>,
+    /// Text ids after the image rows (`<bos>`, prompt, newline).
+    pub text_ids: Vec<u32>,
+    /// Image rows.
+    pub n_image: usize,
+}
+
+impl PrefixBatch {
+    /// Number of prefix tokens.
+    pub fn len(&self) -> usize {
+        self.n_image + self.text_ids.len()
+    }
+
+    /// Whether the prefix is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone, Default)]
+pub struct Generated {
+    /// Generated token ids (without the stop token).
+    pub tokens: Vec<u32>,
+    /// Decoded text.
+    pub text: String,
+    /// Logits of the first generated position (masked to the real vocabulary).
+    pub first_logits: Vec<f32>,
+    /// Prefix decode time.
+    pub prefill_ms: f64,
+    /// Token-by-token decode time.
+    pub decode_ms: f64,
+}
+
+/// Token sampling settings.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    #[allow(missing_docs)]
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Decoder {
+    /// Loads the decoder GGUF, refusing files that are not pali/llama.cpp gemma2 decoders.
+    pub fn load(path: &Path, opts: &DecoderOptions) -> Result<Self> {
+        let f = GgufFile::open(path)?;
+        let arch = f.get_str(keys::ARCHITECTURE)?;
+        if arch != keys::ARCH_GEMMA2 {
+            return Err(Error::Model(format!(
+                "{} is a {arch:?} GGUF, not a Gemma 2 decoder{}",
+                path.display(),
+                if arch == keys::ARCH_CLIP {
+                    ": it looks like the mmproj; pass it with --mmproj"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let json = f.get_str(keys::TOKENIZER_HF_JSON).map_err(|_| {
+            Error::Model(format!(
+                "{}: no {} (convert the checkpoint with `pali convert`)",
+                path.display(),
+                keys::TOKENIZER_HF_JSON
+            ))
+        })?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+            Error::Model(format!("{}: embedded tokenizer.json: {e}", path.display()))
+        })?;
+        let vocab_real = f.get_u32(keys::PALI_VOCAB_SIZE)? as usize;
+        let bos = f.get_u32(keys::TOKENIZER_BOS)?;
+        let eos = f.get_u32(keys::TOKENIZER_EOS)?;
+        let mut stop = vec![eos];
+        if let Some(id) = tokenizer.token_to_id("<end_of_turn>") {
+            stop.push(id);
+        }
+        let newline = tokenizer
+            .encode("\n", false)
+            .map_err(|e| Error::Model(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec();
+        let embeddings = TokenEmbeddings::open(path, &f)?;
+        let mut mp = ModelParams {
+            n_gpu_layers: opts.n_gpu_layers,
+            ..Default::default()
+        };
+        if opts.sliding_window == SlidingWindow::Off {
+            mp.int_overrides
+                .push((keys::SLIDING_WINDOW.to_string(), 1 << 30));
+        }
+        let model = LlamaModel::load(path, &mp)?;
+        let hidden = model.n_embd();
+        if embeddings.width != hidden
+            || embeddings.rows != model.n_vocab()
+            || vocab_real > embeddings.rows
+        {
+            return Err(Error::Model(format!(
+                "{}: inconsistent embedding table",
+                path.display()
+            )));
+        }
+        Ok(Decoder {
+            model,
+            embeddings,
+            tokenizer,
+            vocab_real,
+            bos,
+            newline,
+            stop,
+            hidden,
+            sliding_window: opts.sliding_window,
+        })
+    }
+
+    /// Hidden size.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Sliding-window mode in use.
+    pub fn sliding_window(&self) -> SlidingWindow {
+        self.sliding_window
+    }
+
+    /// The HF tokenizer.
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The llama.cpp model (for text-only checks).
+    pub fn llama(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// Tokenizes prompt text (no special tokens added).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Model(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Builds the prefix: image rows (projector output, scaled here), `<bos>`, the prompt and
+    /// the `"\n"` separator (tokenized separately, as big_vision does).
+    pub fn prefix(&self, image_features: &[f32], prompt: &str) -> Result<PrefixBatch> {
+        if image_features.len() % self.hidden != 0 {
+            return Err(Error::Model(format!(
+                "image features of width {} do not match the decoder's hidden size {}",
+                image_features.len(),
+                self.hidden
+            )));
+        }
+        let n_image = image_features.len() / self.hidden;
+        let mut rows = image_features.to_vec();
+        crate::projector::to_decoder_input(&mut rows, self.hidden);
+        let mut text_ids = vec![self.bos];
+        text_ids.extend(self.tokenize(prompt)?);
+        text_ids.extend(&self.newline);
+        for &id in &text_ids {
+            // llama.cpp scales these by √hidden itself, exactly as for token-id input.
+            rows.extend(self.embeddings.row(id)?);
+        }
+        Ok(PrefixBatch {
+            rows,
+            text_ids,
+            n_image,
+        })
+    }
+
+    /// Decodes the prefix in one non-causal batch and generates up to `n_predict` tokens.
+    pub fn generate(
+        &self,
+        prefix: &PrefixBatch,
+        n_predict: usize,
+        sampling: &Sampling,
+        opts: &DecodeOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generated> {
+        let n = prefix.len();
+        let need = n + n_predict.max(1);
+        if opts.max_ctx > 0 && need > opts.max_ctx {
+            return Err(Error::Prompt(format!(
+                "the prompt needs {n} prefix tokens + {n_predict} to generate = {need}, more than --ctx-size {}",
+                opts.max_ctx
+            )));
+        }
+        let params = ContextParams {
+            n_ctx: need.next_multiple_of(256) as u32,
+            n_batch: n as u32,
+            threads: opts.threads,
+            threads_batch: opts.threads,
+            flash_attn: opts.flash_attn,
+            kv_f32: opts.kv_f32,
+        };
+        let mut ctx = LlamaContext::new(&self.model, &params)?;
+        let t0 = std::time::Instant::now();
+        ctx.decode_embeddings(&prefix.rows, 0, false)?;
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = std::time::Instant::now();
+        let mut rng = SplitMix64(sampling.seed);
+        let mut out = Generated {
+            prefill_ms,
+            ..Default::default()
+        };
+        let mut printed = 0usize;
+        for step in 0..n_predict {
+            let logits = &ctx.logits()[..self.vocab_real];
+            if step == 0 {
+                out.first_logits = logits.to_vec();
+            }
+            let tok = sample(logits, sampling, &mut rng);
+            if self.stop.contains(&tok) {
+                break;
+            }
+            out.tokens.push(tok);
+            let text = self
+                .tokenizer
+                .decode(&out.tokens, true)
+                .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
+            // Emit only complete characters (byte-fallback pieces may end mid-UTF-8).
+            if !text.ends_with('\u{fffd}') && text.len() > printed && text.is_char_boundary(printed)
+            {
+                on_text(&text[printed..]);
+                printed = text.len();
+            }
+            out.text = text;
+            if step + 1 < n_predict {
+                ctx.decode_token(tok as i32, (n + step) as i32)?;
+            }
+        }
+        if out.text.len() > printed {
+            on_text(&out.text[printed..]);
+        }
+        out.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        Ok(out)
+    }
+}
+
+/// Deterministic RNG for sampling (`--seed`).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy, or temperature / top-k / top-p sampling.
+fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
+    if s.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        idx.truncate(s.top_k);
+    }
+    let max = logits[idx[0]];
+    let mut probs: Vec<f32> = idx
+        .iter()
+        .map(|&i| ((logits[i] - max) / s.temperature).exp())
+        .collect();
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|&p| {
+            acc += p;
+            acc >= s.top_p
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+    }
+    let r = rng.next_f32();
+    let mut acc = 0.0;
+    for (p, &i) in probs.iter().zip(&idx) {
+        acc += p;
+        if r < acc {
+            return i as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_largest() {
+        let mut rng = SplitMix64(1);
+        assert_eq!(
+            sample(&[0.1, 3.0, -1.0, 2.9], &Sampling::default(), &mut rng),
+            1
+        );
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_sampling_is_seeded() {
+        let l = [0.5, 1.0, 0.9, 0.2];
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 7,
+        };
+        assert_eq!(sample(&l, &s, &mut SplitMix64(7)), 1);
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let a: Vec<u32> = {
+            let mut r = SplitMix64(7);
+            (0..20).map(|_| sample(&l, &s, &mut r)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = SplitMix64(7);
+            (0..20).map(|_| sample(&l, &s, &mut r)).collect()
+        };
+        assert_eq!(a, b);
+        assert!(
+            a.iter().any(|&t| t != 1),
+            "temperature 1 should not always pick the top token"
+        );
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // One token holds almost all the mass: top_p 0.5 must always pick it.
+        let l = [10.0, 0.0, 0.0, 0.0];
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 3,
+        };
+        let mut r = SplitMix64(3);
+        assert!((0..50).all(|_| sample(&l, &s, &mut r) == 0));
+    }
+}

@@ -1,0 +1,291 @@
+//! SigLIP-So400m/14 vision tower as a ggml graph (pre-LN ViT, learned positions, no CLS, no
+//! pooling head), run on the same ggml backend as the decoder.
+//!
+//! Precision choices (measured against HF in `tests/parity.rs`):
+//! - patches are cut in Rust and embedded with an F32 matmul: `ggml_conv_2d` would round the
+//!   pixels to F16, and the patch kernel is stored in F32 for the same reason;
+//! - GELU is built from `tanh` & co.: ggml's CPU `gelu` reads an F16 lookup table;
+//! - attention is one fused flash-attention op with F32 K/V and F32 accumulation, so the
+//!   N×N score matrix (4096² × 16 heads at 896 px) is never materialised.
+
+use crate::projector;
+use crate::{Error, Result};
+use pali_ggml::gguf::GgufFile;
+use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
+use pali_ggml::schema::{keys, vision as names, vision_block};
+use pali_ggml::GgmlType;
+use std::path::Path;
+
+/// Vision tower and preprocessing settings, read from the mmproj file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    /// Square input size in pixels.
+    pub image_size: usize,
+    #[allow(missing_docs)]
+    pub patch_size: usize,
+    /// Transformer width (1152).
+    pub width: usize,
+    /// MLP width (4304).
+    pub ffn: usize,
+    #[allow(missing_docs)]
+    pub layers: usize,
+    #[allow(missing_docs)]
+    pub heads: usize,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+    /// Projector output width = decoder hidden size.
+    pub projection_dim: usize,
+    /// Per-channel mean for normalisation.
+    pub mean: [f32; 3],
+    /// Per-channel std for normalisation.
+    pub std: [f32; 3],
+    /// PIL resample code.
+    pub resample: u32,
+    /// Pixel rescale factor (1/255).
+    pub rescale_factor: f32,
+}
+
+impl VisionConfig {
+    /// Reads the settings from an mmproj file, refusing other kinds of GGUF.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let path = f.path().display().to_string();
+        let arch = f.get_str(keys::ARCHITECTURE)?;
+        if arch != keys::ARCH_CLIP {
+            return Err(Error::Model(format!(
+                "{path} is a {arch:?} GGUF, not an mmproj (vision) file{}",
+                if arch == keys::ARCH_GEMMA2 {
+                    ": it looks like the decoder; pass it with -m"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let proj = f.get_str(keys::CLIP_PROJECTOR_TYPE)?;
+        if proj != keys::PROJECTOR_PALIGEMMA {
+            return Err(Error::Model(format!(
+                "{path}: projector type {proj:?} is not PaliGemma's ({:?})",
+                keys::PROJECTOR_PALIGEMMA
+            )));
+        }
+        let triple = |k: &str| -> Result<[f32; 3]> {
+            let v = f.get_arr_f32(k)?;
+            v.try_into()
+                .map_err(|_| Error::Model(format!("{path}: {k} must hold 3 values")))
+        };
+        let u = |k: &str| f.get_u32(k).map(|v| v as usize);
+        let c = VisionConfig {
+            image_size: u(keys::V_IMAGE_SIZE)?,
+            patch_size: u(keys::V_PATCH_SIZE)?,
+            width: u(keys::V_EMBEDDING_LENGTH)?,
+            ffn: u(keys::V_FEED_FORWARD_LENGTH)?,
+            layers: u(keys::V_BLOCK_COUNT)?,
+            heads: u(keys::V_HEAD_COUNT)?,
+            eps: f.get_f32(keys::V_LN_EPS)?,
+            projection_dim: u(keys::V_PROJECTION_DIM)?,
+            mean: triple(keys::V_IMAGE_MEAN)?,
+            std: triple(keys::V_IMAGE_STD)?,
+            resample: f.get_u32(keys::PALI_RESAMPLE)?,
+            rescale_factor: f.get_f32(keys::PALI_RESCALE_FACTOR)?,
+        };
+        if c.patch_size == 0
+            || c.image_size % c.patch_size != 0
+            || c.heads == 0
+            || c.width % c.heads != 0
+        {
+            return Err(Error::Model(format!(
+                "{path}: inconsistent vision shape {c:?}"
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Image tokens per image.
+    pub fn n_tokens(&self) -> usize {
+        self.grid() * self.grid()
+    }
+}
+
+/// Cuts CHW pixels into patch rows `[n_tokens][3·p·p]`, each flattened in the conv kernel's
+/// (channel, y, x) order, patches row-major (y outer) as HF's `flatten(2)`.
+fn patchify(cfg: &VisionConfig, pixels: &[f32]) -> Vec<f32> {
+    let (r, p, g) = (cfg.image_size, cfg.patch_size, cfg.grid());
+    let mut out = Vec::with_capacity(pixels.len());
+    for py in 0..g {
+        for px in 0..g {
+            for c in 0..3 {
+                for ky in 0..p {
+                    let row = c * r * r + (py * p + ky) * r + px * p;
+                    out.extend_from_slice(&pixels[row..row + p]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Which output [`VisionEncoder::encode`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionOutput {
+    /// The tower's output after the final LayerNorm, `[n_tokens][width]`.
+    Tower,
+    /// The projector's output, `[n_tokens][projection_dim]` (what HF calls image features
+    /// before its division by √hidden).
+    Projected,
+}
+
+/// The SigLIP tower + projector, loaded from an mmproj GGUF.
+pub struct VisionEncoder {
+    cfg: VisionConfig,
+    weights: Weights,
+    backend: Backend,
+}
+
+impl VisionEncoder {
+    /// Loads an mmproj file onto the CPU (or the GPU when `gpu`).
+    pub fn load(path: &Path, gpu: bool, threads: i32) -> Result<Self> {
+        let cfg = VisionConfig::from_gguf(&GgufFile::open(path)?)?;
+        let backend = Backend::new(gpu, threads)?;
+        let weights = Weights::load(path, &backend)?;
+        let enc = VisionEncoder {
+            cfg,
+            weights,
+            backend,
+        };
+        enc.check_shapes()?;
+        Ok(enc)
+    }
+
+    /// The settings read from the file.
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// Name of the backend the tower runs on.
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.cfg;
+        let (d, p) = (c.width as i64, c.patch_size as i64);
+        let mut want: Vec<(String, Vec<i64>)> = vec![
+            (names::PATCH_EMBD_W.into(), vec![p, p, 3, d]),
+            (names::PATCH_EMBD_B.into(), vec![d]),
+            (names::POS_EMBD.into(), vec![d, c.n_tokens() as i64]),
+            (names::POST_LN_W.into(), vec![d]),
+            (names::POST_LN_B.into(), vec![d]),
+        ];
+        want.extend(projector::expected_shapes(c));
+        for l in 0..c.layers {
+            let f = c.ffn as i64;
+            for (n, s) in [
+                (names::Q_W, vec![d, d]),
+                (names::K_W, vec![d, d]),
+                (names::V_W, vec![d, d]),
+                (names::O_W, vec![d, d]),
+                (names::FC1_W, vec![d, f]),
+                (names::FC1_B, vec![f]),
+                (names::FC2_W, vec![f, d]),
+            ] {
+                want.push((vision_block(l, n), s));
+            }
+            for n in [
+                names::LN1_W,
+                names::LN1_B,
+                names::LN2_W,
+                names::LN2_B,
+                names::Q_B,
+                names::K_B,
+                names::V_B,
+                names::O_B,
+                names::FC2_B,
+            ] {
+                want.push((vision_block(l, n), vec![d]));
+            }
+        }
+        let infos = self.weights.file().tensors();
+        for (name, ne) in want {
+            let t = infos.iter().find(|t| t.name == name).ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: tensor {name} is missing",
+                    self.weights.file().path().display()
+                ))
+            })?;
+            if t.ne != ne {
+                return Err(Error::Model(format!(
+                    "{}: tensor {name} has shape {:?}, expected {ne:?}",
+                    self.weights.file().path().display(),
+                    t.ne
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the tower (and projector) on preprocessed CHW pixels `[3][R][R]`.
+    pub fn encode(&self, pixels: &[f32], output: VisionOutput) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        if pixels.len() != 3 * c.image_size * c.image_size {
+            return Err(Error::Model(format!(
+                "expected {}x{} pixels, got {} values",
+                c.image_size,
+                c.image_size,
+                pixels.len()
+            )));
+        }
+        let g = Graph::new(&self.weights);
+        let x = tower(&g, c, patchify(c, pixels))?;
+        let out = match output {
+            VisionOutput::Tower => x,
+            VisionOutput::Projected => projector::project(&g, x)?,
+        };
+        Ok(g.compute(out, &self.backend)?)
+    }
+}
+
+fn linear<'g>(g: &'g Graph, x: Tensor<'g>, w: &str, b: &str) -> Result<Tensor<'g>> {
+    Ok(g.add(g.mul_mat(g.weight(w)?, x), g.weight(b)?))
+}
+
+fn layer_norm<'g>(g: &'g Graph, x: Tensor<'g>, w: &str, b: &str, eps: f32) -> Result<Tensor<'g>> {
+    Ok(g.add(g.mul(g.norm(x, eps), g.weight(w)?), g.weight(b)?))
+}
+
+/// tanh-approximated GELU from exact ops: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+fn gelu_tanh<'g>(g: &'g Graph, x: Tensor<'g>) -> Tensor<'g> {
+    let x3 = g.mul(g.mul(x, x), x);
+    let inner = g.add(x, g.scale(x3, 0.044715));
+    let t = g.tanh(g.scale(inner, (2.0f32 / std::f32::consts::PI).sqrt()));
+    g.mul(x, g.scale_bias(t, 0.5, 0.5))
+}
+
+fn tower<'g>(g: &'g Graph, c: &VisionConfig, patches: Vec<f32>) -> Result<Tensor<'g>> {
+    let (d, n, p) = (c.width as i64, c.n_tokens() as i64, c.patch_size as i64);
+    let (heads, hd) = (c.heads as i64, (c.width / c.heads) as i64);
+    let input = g.input(&[3 * p * p, n], patches);
+    let kernel = g.reshape(g.weight(names::PATCH_EMBD_W)?, &[3 * p * p, d]);
+    let mut x = g.add(g.mul_mat(kernel, input), g.weight(names::PATCH_EMBD_B)?);
+    x = g.add(x, g.weight(names::POS_EMBD)?);
+    let scale = 1.0 / (hd as f32).sqrt();
+    for l in 0..c.layers {
+        let w = |s: &str| vision_block(l, s);
+        let h = layer_norm(g, x, &w(names::LN1_W), &w(names::LN1_B), c.eps)?;
+        let heads_of = |t: Tensor<'g>| g.permute(g.reshape(t, &[hd, heads, n]), [0, 2, 1, 3]);
+        let q = heads_of(linear(g, h, &w(names::Q_W), &w(names::Q_B))?);
+        let k = heads_of(linear(g, h, &w(names::K_W), &w(names::K_B))?);
+        let v = heads_of(linear(g, h, &w(names::V_W), &w(names::V_B))?);
+        let attn = g.reshape(g.flash_attn(q, k, v, scale), &[d, n]);
+        x = g.add(x, linear(g, attn, &w(names::O_W), &w(names::O_B))?);
+        let h = layer_norm(g, x, &w(names::LN2_W), &w(names::LN2_B), c.eps)?;
+        let h = gelu_tanh(g, linear(g, h, &w(names::FC1_W), &w(names::FC1_B))?);
+        x = g.add(x, linear(g, h, &w(names::FC2_W), &w(names::FC2_B))?);
+    }
+    let out = layer_norm(g, x, names::POST_LN_W, names::POST_LN_B, c.eps)?;
+    debug_assert_eq!(out.ty(), GgmlType::F32);
+    Ok(out)
+}
