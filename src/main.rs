@@ -1,11 +1,15 @@
-//! The `pali` command line: convert checkpoints, inspect GGUF files, caption and ask.
+//! The `pali` command line: convert checkpoints, inspect GGUF files, caption, ask, run.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pali::preprocess::load_image;
+use pali::{GenerateOptions, LoadOptions, Model, ModelPaths, Sampling, SlidingWindow, Task};
 use pali_convert::{ConvertOptions, ConvertOutput};
 use pali_ggml::gguf::GgufFile;
 use pali_ggml::quant::FileType;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +20,54 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
+}
+
+/// Model and decoding flags shared by the generation commands (llama.cpp spellings).
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Decoder GGUF (default: the bundled demo model in models/demo).
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Vision GGUF (default: the one mmproj-*.gguf next to the decoder).
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
+    /// Maximum tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    n_predict: usize,
+    /// Threads (default: available cores).
+    #[arg(short = 't', long)]
+    threads: Option<i32>,
+    /// Largest context in tokens (prefix + generated); 0 = what the request needs.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    ctx_size: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temp: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long = "top-k", default_value_t = 0)]
+    top_k: usize,
+    /// Top-p (nucleus) sampling (1 = off).
+    #[arg(long = "top-p", default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Decoder layers on the GPU (GPU builds); the vision tower follows when > 0.
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0)]
+    n_gpu_layers: i32,
+    /// Gemma 2 sliding window: off (full attention, as PaliGemma was trained) or llama.cpp's.
+    #[arg(long = "sliding-window", value_enum, default_value_t = WindowArg::Off)]
+    sliding_window: WindowArg,
+    /// Print one JSON object per image instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WindowArg {
+    Off,
+    #[value(name = "llama.cpp")]
+    LlamaCpp,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +103,63 @@ enum Command {
         /// The GGUF file.
         file: PathBuf,
     },
+    /// Caption images (files or folders): `caption <lang>`, or `describe <lang>` with --long.
+    Caption {
+        /// Images or folders of images.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Caption language.
+        #[arg(long, default_value = "en")]
+        lang: String,
+        /// A longer description (`describe`; pt checkpoints).
+        #[arg(long)]
+        long: bool,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Answer a question about an image (`answer <lang> <question>`).
+    Ask {
+        /// The image.
+        image: PathBuf,
+        /// The question.
+        question: String,
+        /// Question language.
+        #[arg(long, default_value = "en")]
+        lang: String,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Read the text in an image (`ocr`).
+    Ocr {
+        /// The image.
+        image: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Run any prompt on an image.
+    Run {
+        /// The image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Prompt text (the task prefix, e.g. "caption en").
+        #[arg(short = 'p', long)]
+        prompt: String,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Time preprocessing, vision, prefill and decode over several runs.
+    Bench {
+        /// The image.
+        image: PathBuf,
+        /// Prompt.
+        #[arg(short = 'p', long, default_value = "caption en")]
+        prompt: String,
+        /// Measured runs (after one warm-up).
+        #[arg(short = 'r', long, default_value_t = 5)]
+        runs: usize,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
 }
 
 fn parse_type(s: &str, what: &str, allowed: &[FileType]) -> Result<FileType, String> {
@@ -68,6 +177,7 @@ fn parse_type(s: &str, what: &str, allowed: &[FileType]) -> Result<FileType, Str
         })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_convert(
     hf_dir: PathBuf,
     out: PathBuf,
@@ -157,6 +267,229 @@ fn run_info(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+/// Finds the model files: the flags, else the bundled demo model.
+fn model_paths(args: &ModelArgs) -> Result<ModelPaths, String> {
+    let find_mmproj = |dir: &Path| -> Result<PathBuf, String> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().is_some_and(|f| {
+                    let f = f.to_string_lossy();
+                    f.starts_with("mmproj-") && f.ends_with(".gguf")
+                })
+            })
+            .collect();
+        v.sort();
+        match v.len() {
+            1 => Ok(v.remove(0)),
+            0 => Err(format!(
+                "no mmproj-*.gguf next to the model in {}: pass --mmproj",
+                dir.display()
+            )),
+            _ => Err(format!(
+                "several mmproj-*.gguf in {}: pass --mmproj",
+                dir.display()
+            )),
+        }
+    };
+    match (&args.model, &args.mmproj) {
+        (Some(m), Some(p)) => Ok(ModelPaths::new(m, p)),
+        (Some(m), None) => {
+            let dir = m
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Ok(ModelPaths::new(m, find_mmproj(dir)?))
+        }
+        (None, Some(_)) => Err("--mmproj needs -m (the decoder) as well".into()),
+        (None, None) => {
+            let roots = [
+                std::env::current_dir().unwrap_or_default(),
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+            ];
+            roots
+                .iter()
+                .find_map(|r| pali::default_model_paths(r))
+                .ok_or_else(|| {
+                    "no model given (-m, --mmproj) and no bundled model in models/demo".into()
+                })
+        }
+    }
+}
+
+fn load_model(args: &ModelArgs) -> Result<(Model, f64), String> {
+    let paths = model_paths(args)?;
+    let t = Instant::now();
+    let opts = LoadOptions {
+        threads: args.threads.unwrap_or_else(pali::default_threads),
+        n_gpu_layers: args.n_gpu_layers,
+        sliding_window: match args.sliding_window {
+            WindowArg::Off => SlidingWindow::Off,
+            WindowArg::LlamaCpp => SlidingWindow::LlamaCpp,
+        },
+    };
+    let model = Model::load(&paths, &opts).map_err(|e| e.to_string())?;
+    log::info!(
+        "loaded {} + {}",
+        paths.decoder.display(),
+        paths.mmproj.display()
+    );
+    Ok((model, t.elapsed().as_secs_f64() * 1e3))
+}
+
+fn gen_options(args: &ModelArgs) -> GenerateOptions {
+    GenerateOptions {
+        n_predict: args.n_predict,
+        sampling: Sampling {
+            temperature: args.temp,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        max_ctx: args.ctx_size,
+        ..Default::default()
+    }
+}
+
+/// Image files given directly or found (non-recursively) in given folders.
+fn expand_images(inputs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.extension().is_some_and(|e| {
+                        matches!(
+                            e.to_ascii_lowercase().to_str(),
+                            Some("jpg" | "jpeg" | "png" | "webp" | "bmp" | "gif")
+                        )
+                    })
+                })
+                .collect();
+            v.sort();
+            out.extend(v);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+/// Runs one prompt on each image; streams text (or prints JSON Lines); keeps going past bad
+/// images. Returns whether all succeeded.
+fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<bool, String> {
+    let (model, load_ms) = load_model(args)?;
+    let opts = gen_options(args);
+    let many = images.len() > 1;
+    let bar = if many && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(images.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut ok = true;
+    for path in images {
+        let res = load_image(path, pali::MAX_IMAGE_PIXELS)
+            .map_err(pali::Error::from)
+            .and_then(|img| {
+                let mut stdout = std::io::stdout();
+                let stream = !args.json;
+                if stream && many {
+                    print!("{}: ", path.display());
+                }
+                model.generate(&img, prompt, &opts, &mut |piece| {
+                    if stream {
+                        print!("{piece}");
+                        let _ = stdout.flush();
+                    }
+                })
+            });
+        match res {
+            Ok(g) => {
+                if args.json {
+                    let mut obj = serde_json::json!({
+                        "text": g.text,
+                        "tokens": g.tokens,
+                        "timings": { "load_ms": load_ms, "preprocess_ms": g.timings.preprocess_ms,
+                            "vision_ms": g.timings.vision_ms, "prefill_ms": g.timings.prefill_ms,
+                            "decode_ms": g.timings.decode_ms, "n_prefix": g.timings.n_prefix,
+                            "n_gen": g.timings.n_gen, "decode_tok_s": g.timings.decode_tok_s },
+                        "peak_rss_mb": pali::peak_rss_mb(),
+                    });
+                    if many {
+                        obj["path"] = serde_json::json!(path.display().to_string());
+                    }
+                    println!("{obj}");
+                } else {
+                    println!();
+                }
+            }
+            Err(e) => {
+                ok = false;
+                if args.json && many {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "path": path.display().to_string(), "error": e.to_string() })
+                    );
+                } else if many {
+                    println!();
+                    eprintln!("error: {e}");
+                } else {
+                    return Err(e.to_string());
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(ok)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Result<(), String> {
+    let (model, load_ms) = load_model(args)?;
+    let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
+    let opts = gen_options(args);
+    let mut rows: Vec<pali::Timings> = Vec::new();
+    for i in 0..=runs {
+        let g = model
+            .generate(&img, prompt, &opts, &mut |_| {})
+            .map_err(|e| e.to_string())?;
+        if i > 0 {
+            rows.push(g.timings);
+        }
+    }
+    let col = |f: fn(&pali::Timings) -> f64| median(&mut rows.iter().map(f).collect::<Vec<_>>());
+    let (pre, vis, pf, dec, tps) = (
+        col(|t| t.preprocess_ms),
+        col(|t| t.vision_ms),
+        col(|t| t.prefill_ms),
+        col(|t| t.decode_ms),
+        col(|t| t.decode_tok_s),
+    );
+    let n_prefix = rows[0].n_prefix;
+    let obj = serde_json::json!({
+        "runs": runs, "load_ms": load_ms, "n_prefix": n_prefix, "n_gen": rows[0].n_gen,
+        "median_preprocess_ms": pre, "median_vision_ms": vis, "median_prefill_ms": pf,
+        "prefill_tok_s": n_prefix as f64 / (pf / 1e3), "median_decode_ms": dec, "median_decode_tok_s": tps,
+        "median_ttft_ms": pre + vis + pf, "peak_rss_mb": pali::peak_rss_mb(),
+        "vision_backend": model.vision().backend_name(), "cpu_features": pali_ggml::cpu_features(),
+    });
+    if args.json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&obj).expect("json"));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,llama.cpp=off"),
@@ -164,7 +497,7 @@ fn main() -> ExitCode {
     .format_timestamp(None)
     .init();
     let cli = Cli::parse();
-    let res = match cli.cmd {
+    let res: Result<bool, String> = match cli.cmd {
         Command::Convert {
             hf_dir,
             out,
@@ -187,11 +520,44 @@ fn main() -> ExitCode {
         .map(|o| {
             println!("{}", o.decoder.display());
             println!("{}", o.mmproj.display());
+            true
         }),
-        Command::Info { file } => run_info(file),
+        Command::Info { file } => run_info(file).map(|_| true),
+        Command::Caption {
+            images,
+            lang,
+            long,
+            model,
+        } => {
+            let images = expand_images(&images);
+            if images.is_empty() {
+                Err("no images found".into())
+            } else {
+                generate_each(&images, &Task::Caption { lang, long }.prompt(), &model)
+            }
+        }
+        Command::Ask {
+            image,
+            question,
+            lang,
+            model,
+        } => generate_each(&[image], &Task::Ask { lang, question }.prompt(), &model),
+        Command::Ocr { image, model } => generate_each(&[image], &Task::Ocr.prompt(), &model),
+        Command::Run {
+            image,
+            prompt,
+            model,
+        } => generate_each(&[image], &Task::Raw(prompt).prompt(), &model),
+        Command::Bench {
+            image,
+            prompt,
+            runs,
+            model,
+        } => run_bench(&image, &prompt, runs.max(1), &model).map(|_| true),
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -1,0 +1,126 @@
+//! Bad input to the runtime gives a clear error naming the problem: never a panic or a crash.
+
+mod common;
+use common::*;
+use pali::preprocess::decode_image;
+use pali::{Error, GenerateOptions, LoadOptions, Model, ModelPaths};
+use pali_ggml::quant::FileType;
+use std::path::PathBuf;
+
+fn load(decoder: PathBuf, mmproj: PathBuf) -> Result<Model, Error> {
+    Model::load(
+        &ModelPaths::new(decoder, mmproj),
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+}
+
+fn err_text<T>(r: Result<T, Error>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Passing the decoder as --mmproj, or the mmproj as -m, is refused by name.
+#[test]
+fn swapped_model_files_are_refused() {
+    let c = converted("tiny-224", FileType::F16, FileType::F16);
+    let e = err_text(load(c.mmproj.clone(), c.decoder.clone()));
+    assert!(
+        e.contains("not an mmproj") && e.contains("pass it with -m"),
+        "{e}"
+    );
+    let e = err_text(load(c.mmproj.clone(), c.mmproj.clone()));
+    assert!(
+        e.contains("not a Gemma 2 decoder") && e.contains("--mmproj"),
+        "{e}"
+    );
+}
+
+/// An mmproj from another model (other projection width) is refused before decoding.
+#[test]
+fn mismatched_projection_is_refused() {
+    let a = converted("tiny-224", FileType::F16, FileType::F16);
+    let b = converted("tiny-swa-98", FileType::F16, FileType::F16);
+    let e = err_text(load(a.decoder, b.mmproj));
+    assert!(
+        e.contains("projects to width 96") && e.contains("hidden size 64"),
+        "{e}"
+    );
+}
+
+/// Missing, empty, truncated and non-GGUF model files.
+#[test]
+fn missing_and_corrupt_model_files() {
+    let c = converted("tiny-224", FileType::F16, FileType::F16);
+    let e = err_text(load("/nonexistent/model.gguf".into(), c.mmproj.clone()));
+    assert!(
+        e.contains("-m /nonexistent/model.gguf: file not found"),
+        "{e}"
+    );
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("runtime_errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf at all").unwrap();
+    let e = err_text(load(junk.clone(), c.mmproj.clone()));
+    assert!(e.contains("junk.gguf is not a GGUF file"), "{e}");
+    // A truncated mmproj: header intact, tensor data cut off.
+    let bytes = std::fs::read(&c.mmproj).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err_text(load(c.decoder.clone(), cut));
+    assert!(e.contains("cut.gguf"), "{e}");
+}
+
+/// Corrupt and empty images, and decompression bombs, fail with the image named.
+#[test]
+fn bad_images_are_refused() {
+    assert!(decode_image(b"", pali::MAX_IMAGE_PIXELS)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
+    assert!(decode_image(b"\x89PNG\r\n\x1a\ngarbage", pali::MAX_IMAGE_PIXELS).is_err());
+    let e = pali::preprocess::load_image("/nonexistent.png".as_ref(), pali::MAX_IMAGE_PIXELS)
+        .unwrap_err();
+    assert!(e.to_string().contains("/nonexistent.png"), "{e}");
+    // A real image above a (small) pixel limit is refused before decoding.
+    let e = pali::preprocess::load_image(&image_path("wide"), 100).unwrap_err();
+    assert!(e.to_string().contains("wide.png"), "{e}");
+}
+
+/// A prompt that does not fit --ctx-size is an error, not an abort inside llama.cpp.
+#[test]
+fn prompt_longer_than_context_is_refused() {
+    let c = converted("tiny-224", FileType::F16, FileType::F16);
+    let m = load(c.decoder, c.mmproj).unwrap();
+    let img = pali::preprocess::load_image(&image_path("wide"), pali::MAX_IMAGE_PIXELS).unwrap();
+    let opts = GenerateOptions {
+        n_predict: 8,
+        max_ctx: 100,
+        ..Default::default()
+    };
+    let e = err_text(m.generate(&img, "caption en", &opts, &mut |_| {}));
+    assert!(
+        e.contains("--ctx-size 100") && e.contains("260 prefix tokens"),
+        "{e}"
+    );
+}
+
+/// ggml was built with this machine's SIMD, not the SSE2 baseline.
+#[test]
+fn ggml_uses_the_host_simd() {
+    let f = pali_ggml::cpu_features();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert!(
+            f.contains(&"AVX2"),
+            "ggml lacks AVX2 on an AVX2 machine: {f:?}"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    assert!(f.contains(&"NEON"), "{f:?}");
+    println!("ggml CPU features: {f:?}");
+}
