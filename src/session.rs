@@ -340,7 +340,7 @@ impl Decoder {
             prefill_ms,
             ..Default::default()
         };
-        let mut printed = 0usize;
+        let mut shown = String::new();
         for step in 0..n_predict {
             let logits = &ctx.logits()[..self.vocab_real];
             if step == 0 {
@@ -355,19 +355,22 @@ impl Decoder {
                 .tokenizer
                 .decode(&out.tokens, true)
                 .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
-            // Emit only complete characters (byte-fallback pieces may end mid-UTF-8).
-            if !text.ends_with('\u{fffd}') && text.len() > printed && text.is_char_boundary(printed)
+            // Stream only text that extends what was already shown with complete characters
+            // (a byte-fallback piece can end mid-UTF-8 and change how earlier bytes decode).
+            if !text.ends_with('\u{fffd}')
+                && text.len() > shown.len()
+                && text.starts_with(shown.as_str())
             {
-                on_text(&text[printed..]);
-                printed = text.len();
+                on_text(&text[shown.len()..]);
+                shown = text.clone();
             }
             out.text = text;
             if step + 1 < n_predict {
                 ctx.decode_token(tok as i32, (n + step) as i32)?;
             }
         }
-        if out.text.len() > printed {
-            on_text(&out.text[printed..]);
+        if out.text.len() > shown.len() && out.text.starts_with(shown.as_str()) {
+            on_text(&out.text[shown.len()..]);
         }
         out.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok(out)
