@@ -304,3 +304,40 @@ fn llama_cpp_window_differs_inside_the_prefix() {
         "the window should change the prefix attention ({d})"
     );
 }
+
+/// The text part of pali's prefix (`<bos>`, prompt, "\n") has exactly HF's input ids, and
+/// the image part has HF's number of image tokens.
+#[test]
+fn prefix_ids_match_hf_processor() {
+    for name in FIXTURES {
+        let r = Reference::load(name);
+        let m = model(name, FileType::F16, FileType::F16);
+        let n_img = r.json["num_image_tokens"].as_u64().unwrap() as usize;
+        let hidden = m.decoder().hidden();
+        let prompts: Vec<String> = r.json["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().into())
+            .collect();
+        for case in r.cases() {
+            let want = ids(&case["input_ids"]);
+            let k = case["prompt_index"].as_u64().unwrap() as usize;
+            let prefix = m
+                .decoder()
+                .prefix(&vec![0.0; n_img * hidden], &prompts[k])
+                .unwrap();
+            assert_eq!(prefix.n_image, n_img);
+            assert!(want[..n_img]
+                .iter()
+                .all(|&t| t == r.json["image_token_index"].as_u64().unwrap() as u32));
+            assert_eq!(
+                prefix.text_ids,
+                want[n_img..],
+                "{name}: prompt {:?}",
+                prompts[k]
+            );
+            assert_eq!(prefix.rows.len(), prefix.len() * hidden);
+        }
+    }
+}

@@ -158,3 +158,62 @@ fn llama_cpp_agrees_with_embedded_tokenizer_on_edge_cases() {
         assert!(bad.is_empty(), "{name}:\n{}", bad.join("\n"));
     }
 }
+
+/// The GGUF vocabulary has one entry per embedding row with the types llama.cpp needs:
+/// control tokens (`<pad>`, `<eos>`, `<bos>`, `<image>`), atomic user-defined `\n`,
+/// `<loc>`/`<seg>`, byte pieces, and `[PADn]` fillers marked unused; BOS is prepended on
+/// request; `<image>` written in text is its single id.
+#[test]
+fn vocabulary_layout_matches_the_embedding() {
+    use pali_ggml::gguf::Value;
+    use pali_ggml::schema::token_type as tt;
+    for name in FIXTURES {
+        let r = Reference::load(name);
+        let rows = r.json["embedding_rows"].as_u64().unwrap() as usize;
+        let real = r.vocab_real();
+        let image = r.json["image_token_index"].as_u64().unwrap() as u32;
+        let c = converted(name, FileType::F32, FileType::F32);
+        let g = GgufFile::open(&c.decoder).unwrap();
+        let Some(Value::ArrStr(tokens)) = g.get(keys::TOKENIZER_TOKENS) else {
+            panic!("{name}: no token list")
+        };
+        let Some(Value::ArrI32(types)) = g.get(keys::TOKENIZER_TOKEN_TYPE) else {
+            panic!("{name}: no token types")
+        };
+        assert_eq!((tokens.len(), types.len()), (rows, rows), "{name}");
+        assert_eq!(g.get_u32(keys::PALI_VOCAB_SIZE).unwrap() as usize, real);
+        assert_eq!(g.get_u32(keys::PALI_IMAGE_TOKEN_ID).unwrap(), image);
+        let base = real - 1024 - 128;
+        let expect = [
+            (0, "<pad>", tt::CONTROL),
+            (1, "<eos>", tt::CONTROL),
+            (2, "<bos>", tt::CONTROL),
+            (4, "\n", tt::USER_DEFINED),
+            (5, "<0x00>", tt::BYTE),
+            (260, "<0xFF>", tt::BYTE),
+            (base, "<loc0000>", tt::USER_DEFINED),
+            (base + 1024, "<seg000>", tt::USER_DEFINED),
+            (real - 1, "<seg127>", tt::USER_DEFINED),
+            (image as usize, "<image>", tt::CONTROL),
+        ];
+        for (id, text, ty) in expect {
+            assert_eq!(
+                (tokens[id].as_str(), types[id]),
+                (text, ty),
+                "{name}: id {id}"
+            );
+        }
+        for id in image as usize + 1..rows {
+            assert_eq!(tokens[id], format!("[PAD{id}]"), "{name}");
+            assert_eq!(types[id], tt::UNUSED, "{name}: id {id}");
+        }
+
+        let m = vocab_only(&c.decoder);
+        assert_eq!(m.n_vocab(), rows, "{name}");
+        assert_eq!(m.tokenize("caption en", true).unwrap(), vec![2, 328, 275]);
+        assert_eq!(
+            m.tokenize("<image><image>caption", false).unwrap()[..2],
+            [image as i32, image as i32]
+        );
+    }
+}

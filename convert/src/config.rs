@@ -122,6 +122,31 @@ struct RawConfig {
     name_or_path: Option<String>,
 }
 
+/// Upper bound for any size in config.json (2^24): products of two stay far from overflow.
+const MAX_DIM: usize = 1 << 24;
+
+/// A `Config` error for a config section that failed to deserialize, naming the key at
+/// fault (serde's message does not): the first key that fails on its own, the others
+/// taking their defaults.
+fn section_error<T: serde::de::DeserializeOwned>(
+    section: &str,
+    v: &serde_json::Value,
+    e: serde_json::Error,
+) -> ConvertError {
+    let key = v.as_object().and_then(|o| {
+        o.iter()
+            .find(|(k, val)| {
+                let one = serde_json::Map::from_iter([((*k).clone(), (*val).clone())]);
+                serde_json::from_value::<T>(serde_json::Value::Object(one)).is_err()
+            })
+            .map(|(k, _)| k.clone())
+    });
+    match key {
+        Some(k) => ConvertError::Config(format!("{section}.{k}: {e}")),
+        None => ConvertError::Config(format!("{section}: {e}")),
+    }
+}
+
 /// A validated PaliGemma 2 configuration.
 #[derive(Debug, Clone)]
 pub struct PaliGemmaConfig {
@@ -181,8 +206,8 @@ impl PaliGemmaConfig {
                 .and_then(|r| r.get("rope_theta"))
                 .and_then(|t| t.as_f64())
         });
-        let mut tc: TextConfig =
-            serde_json::from_value(text_v).map_err(|e| cfg(format!("text_config: {e}")))?;
+        let mut tc: TextConfig = serde_json::from_value(text_v.clone())
+            .map_err(|e| section_error::<TextConfig>("text_config", &text_v, e))?;
         if let Some(Some(theta)) = rope_theta {
             tc.rope_theta = theta;
         }
@@ -192,9 +217,12 @@ impl PaliGemmaConfig {
                 tc.model_type
             )));
         }
-        let vc: VisionConfig =
-            serde_json::from_value(raw.vision_config.clone().unwrap_or_default())
-                .map_err(|e| cfg(format!("vision_config: {e}")))?;
+        let vision_v = raw
+            .vision_config
+            .clone()
+            .ok_or_else(|| cfg("no vision_config".into()))?;
+        let vc: VisionConfig = serde_json::from_value(vision_v.clone())
+            .map_err(|e| section_error::<VisionConfig>("vision_config", &vision_v, e))?;
         let image_token_index = raw
             .image_token_index
             .or(raw.image_token_id)
@@ -221,6 +249,30 @@ impl PaliGemmaConfig {
         let t = &self.text;
         let v = &self.vision;
         let err = |m: String| Err(ConvertError::Config(m));
+        // Sizes far beyond any real model would overflow shape arithmetic: refuse them.
+        for (key, n) in [
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads),
+            ("text_config.head_dim", t.head_dim),
+            ("text_config.vocab_size", t.vocab_size),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+        ] {
+            if n > MAX_DIM {
+                return err(format!("{key} {n} is implausibly large (limit {MAX_DIM})"));
+            }
+        }
         if t.num_attention_heads == 0
             || t.num_key_value_heads == 0
             || t.num_attention_heads % t.num_key_value_heads != 0
@@ -261,6 +313,12 @@ impl PaliGemmaConfig {
         }
         // llama.cpp does not read the attention scale from the file: it derives it from the
         // layer count (gemma2.cpp). Refuse configs it would compute differently from HF.
+        if !(t.query_pre_attn_scalar > 0.0 && t.query_pre_attn_scalar.is_finite()) {
+            return err(format!(
+                "text_config: query_pre_attn_scalar {} must be a positive number",
+                t.query_pre_attn_scalar
+            ));
+        }
         let llama_scale = self.llama_cpp_attention_scale();
         let hf_scale = 1.0 / t.query_pre_attn_scalar.sqrt();
         if (llama_scale - hf_scale).abs() > 1e-6 * hf_scale {

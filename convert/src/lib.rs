@@ -157,8 +157,7 @@ pub fn model_name(dir: &Path, cfg: &PaliGemmaConfig) -> String {
     let base = cfg
         .name_or_path
         .as_deref()
-        .filter(|s| !s.is_empty())
-        .and_then(|s| s.rsplit('/').next())
+        .and_then(|s| s.rsplit(['/', '\\']).find(|p| !p.is_empty()))
         .map(str::to_string)
         .unwrap_or_else(|| {
             std::fs::canonicalize(dir)
@@ -226,9 +225,13 @@ fn plan_one<'a>(
     out: &mut Vec<Planned<'a>>,
 ) -> Result<()> {
     let (hf_name, entry) = find(ckpt, prefixes, hf_suffix).ok_or_else(|| {
+        // Name the tensor as the checkpoint's own layout would.
+        let prefix = prefixes
+            .iter()
+            .find(|p| ckpt.tensors().keys().any(|k| k.starts_with(*p)))
+            .unwrap_or(&prefixes[0]);
         ConvertError::Tensor(format!(
-            "tensor {}{hf_suffix} is missing from the checkpoint",
-            prefixes[0]
+            "tensor {prefix}{hf_suffix} is missing from the checkpoint"
         ))
     })?;
     if entry.shape != shape {
@@ -415,23 +418,42 @@ fn report_unused(ckpt: &Checkpoint, used: &[&Planned]) {
     }
 }
 
-fn tensor_bytes(ckpt: &Checkpoint, p: &Planned) -> Result<Vec<u8>> {
+/// Source bytes converted per step: bounds the converter's working memory whatever the
+/// tensor size (the 257216-row embedding is 1.2 GB in bf16).
+const CHUNK_BYTES: usize = 32 << 20;
+
+/// Streams one tensor into `out` in chunks of whole rows, dropping the source pages of each
+/// chunk once written, so peak memory is one chunk, not one tensor.
+fn write_tensor(ckpt: &Checkpoint, p: &Planned, out: &mut dyn Write) -> Result<()> {
     let e = p.entry;
-    // Fast path: same type, no fixup: copy the stored bytes.
-    if p.fixup == Fixup::None && e.dtype.ggml() == p.ty {
-        return Ok(ckpt.bytes(e).to_vec());
-    }
-    let mut vals = ckpt.read_f32(e)?;
-    if p.fixup == Fixup::AddOne {
-        for v in vals.iter_mut() {
-            *v += 1.0;
+    let row = p.ne[0] as usize;
+    let n_rows = e.numel() / row;
+    let src_row_bytes = row * e.dtype.size();
+    let rows_per_chunk = (CHUNK_BYTES / src_row_bytes).max(1);
+    let bytes = ckpt.bytes(e);
+    let tensor_err = |err: String| ConvertError::Tensor(format!("tensor {}: {err}", p.hf_name));
+    for r0 in (0..n_rows).step_by(rows_per_chunk) {
+        let r1 = (r0 + rows_per_chunk).min(n_rows);
+        let src = &bytes[r0 * src_row_bytes..r1 * src_row_bytes];
+        if p.fixup == Fixup::None && e.dtype.ggml() == p.ty {
+            out.write_all(src)
+                .map_err(|err| tensor_err(err.to_string()))?;
+        } else {
+            let mut vals = pali_ggml::quant::to_f32(e.dtype.ggml(), src)?;
+            if p.fixup == Fixup::AddOne {
+                vals.iter_mut().for_each(|v| *v += 1.0);
+            }
+            let conv =
+                quant::convert_f32(p.ty, &vals, row).map_err(|err| tensor_err(err.to_string()))?;
+            out.write_all(&conv)
+                .map_err(|err| tensor_err(err.to_string()))?;
         }
+        ckpt.release_range(e, r0 * src_row_bytes, r1 * src_row_bytes);
     }
-    let out = quant::convert_f32(p.ty, &vals, p.ne[0] as usize)
-        .map_err(|err| ConvertError::Tensor(format!("tensor {}: {err}", p.hf_name)))?;
-    Ok(out)
+    Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_gguf(
     path: &Path,
     suffix: &str,
@@ -447,21 +469,20 @@ fn write_gguf(
     let f = std::fs::File::create(&file.tmp).map_err(|e| ConvertError::io(&file.tmp, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let mut err: Option<ConvertError> = None;
-    let res = header.write(&mut w, |i, _, _| {
+    let res = header.write(&mut w, |i, _, out| {
         if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
             err = Some(ConvertError::Interrupted);
             return Err(pali_ggml::Error::Invalid("interrupted".into()));
         }
         let p = &plan[i];
-        let bytes = tensor_bytes(ckpt, p).map_err(|e| {
+        write_tensor(ckpt, p, out).map_err(|e| {
             let msg = e.to_string();
             err = Some(e);
             pali_ggml::Error::Invalid(msg)
         })?;
-        ckpt.release(p.entry);
         *done += p.entry.numel() as u64 * p.entry.dtype.size() as u64;
         progress(*done, total, phase);
-        Ok(bytes)
+        Ok(())
     });
     if let Err(e) = res {
         return Err(err.unwrap_or(ConvertError::Ggml(e)));
@@ -639,7 +660,11 @@ pub fn convert(opts: &ConvertOptions, progress: ProgressFn) -> Result<ConvertOut
         (keys::RMS_EPS, Value::F32(t.rms_norm_eps as f32)),
         (
             keys::SLIDING_WINDOW,
-            Value::U32(t.sliding_window.unwrap_or(t.max_position_embeddings as u64) as u32),
+            Value::U32(
+                t.sliding_window
+                    .unwrap_or(t.max_position_embeddings as u64)
+                    .min(u32::MAX as u64) as u32,
+            ),
         ),
         (keys::ATTN_SOFTCAP, Value::F32(attn_cap as f32)),
         (keys::FINAL_SOFTCAP, Value::F32(final_cap as f32)),
@@ -719,7 +744,7 @@ pub fn convert(opts: &ConvertOptions, progress: ProgressFn) -> Result<ConvertOut
     if quantized {
         progress(done, total, "quantizing");
         let q = AtomicFile::new(&decoder_path, ".partial");
-        quant::quantize_model_file(&df.tmp, &q.tmp, opts.text_type, opts.threads)?;
+        quant::quantize_model_file(&df.tmp, &q.tmp, opts.text_type, opts.threads, CHUNK_BYTES)?;
         drop(df);
         if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(ConvertError::Interrupted);

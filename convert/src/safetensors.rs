@@ -207,21 +207,20 @@ impl Checkpoint {
         pali_ggml::quant::to_f32(e.dtype.ggml(), self.bytes(e)).map_err(ConvertError::from)
     }
 
-    /// Tells the kernel a tensor's pages can be dropped (keeps peak RSS at one tensor).
-    pub fn release(&self, e: &TensorEntry) {
+    /// Tells the kernel the pages of bytes `start..end` of a tensor can be dropped (keeps
+    /// the converter's resident memory at one chunk whatever the model size).
+    pub fn release_range(&self, e: &TensorEntry, start: usize, end: usize) {
         let s = &self.shards[e.file];
         let page = 4096;
-        let start = (s.data_start + e.start) / page * page;
-        let end = s.data_start + e.end;
+        let from = (s.data_start + e.start + start) / page * page;
+        let to = s.data_start + e.start + end;
         // SAFETY: the mapping is private and read-only, so dropping its pages only means they
         // are read from the file again if touched; no reference into the range is live here.
         #[cfg(unix)]
         unsafe {
-            let _ = s.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                start,
-                end - start,
-            );
+            let _ =
+                s.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from);
         }
     }
 

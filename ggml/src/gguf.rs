@@ -453,12 +453,12 @@ impl GgufWriter {
         Ok(())
     }
 
-    /// Writes the header, then asks `fill` for each tensor's bytes in declaration order.
-    /// `fill(index, name, expected_size)` returns the tensor's data.
+    /// Writes the header, then has `fill(index, name, out)` write each tensor's bytes in
+    /// declaration order (in as many pieces as it likes); checks each size and pads.
     pub fn write<W: Write>(
         &self,
         out: &mut W,
-        mut fill: impl FnMut(usize, &str, usize) -> Result<Vec<u8>>,
+        mut fill: impl FnMut(usize, &str, &mut dyn Write) -> Result<()>,
     ) -> Result<()> {
         // SAFETY: valid context; meta buffer sized by gguf_get_meta_size.
         let (meta, align) = unsafe {
@@ -469,29 +469,42 @@ impl GgufWriter {
         };
         let io = |e: std::io::Error| Error::Io(format!("writing GGUF: {e}"));
         out.write_all(&meta).map_err(io)?;
-        let mut pos = 0u64;
         for (i, name) in self.names.iter().enumerate() {
             // SAFETY: i < number of tensors added.
-            let (offset, size) = unsafe {
-                (
-                    sys::gguf_get_tensor_offset(self.ctx, i as i64) as u64,
-                    sys::gguf_get_tensor_size(self.ctx, i as i64),
-                )
+            let size = unsafe { sys::gguf_get_tensor_size(self.ctx, i as i64) } as u64;
+            let mut counted = CountingWriter {
+                inner: &mut *out,
+                n: 0,
             };
-            debug_assert_eq!(offset, pos);
-            let data = fill(i, name, size)?;
-            if data.len() != size {
+            fill(i, name, &mut counted)?;
+            if counted.n != size {
                 return Err(Error::Invalid(format!(
                     "tensor {name}: produced {} bytes, header says {size}",
-                    data.len()
+                    counted.n
                 )));
             }
-            out.write_all(&data).map_err(io)?;
-            let padded = (size as u64).div_ceil(align) * align;
-            out.write_all(&vec![0u8; (padded - size as u64) as usize])
+            let padded = size.div_ceil(align) * align;
+            out.write_all(&vec![0u8; (padded - size) as usize])
                 .map_err(io)?;
-            pos = offset + padded;
         }
         Ok(())
+    }
+}
+
+/// Counts the bytes written through it.
+struct CountingWriter<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

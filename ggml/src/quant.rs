@@ -169,11 +169,13 @@ pub fn to_f32(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
 
 /// Quantizes a whole GGUF model file with llama.cpp's own quantizer (`llama_model_quantize`),
 /// i.e. exactly what `llama-quantize` makes, including its per-tensor type choices.
+/// `max_buf` bounds llama.cpp's working buffers (big tensors go in slabs); 0 = its default.
 pub fn quantize_model_file(
     input: &Path,
     output: &Path,
     ftype: FileType,
     threads: i32,
+    max_buf: usize,
 ) -> Result<()> {
     crate::logging::init();
     let inp = CString::new(input.to_string_lossy().as_bytes())
@@ -185,6 +187,7 @@ pub fn quantize_model_file(
         let mut p = sys::llama_model_quantize_default_params();
         p.ftype = ftype.llama_ftype();
         p.nthread = threads;
+        p.max_buf_size = max_buf;
         sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &p)
     };
     if rc != 0 {

@@ -139,3 +139,137 @@ pub fn argmax(v: &[f32]) -> usize {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+// ---------------------------------------------------------------------------------------
+// Scratch checkpoints: copies of the fixtures (or generated ones) that tests may damage.
+
+/// A fresh, empty folder `CARGO_TARGET_TMPDIR/<test binary>-scratch/<name>`.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.file_stem().unwrap().to_string_lossy().into_owned();
+    let bin = bin.split('-').next().unwrap_or(&bin).to_string();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{bin}-scratch"))
+        .join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Copies the regular files of `src` into `dst` (created if missing).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Reads, edits and rewrites a JSON file.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// One tensor of a safetensors file written by [`write_safetensors`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StTensor {
+    pub name: String,
+    /// Safetensors dtype string (`F32`, `F16`, `BF16`, …).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes.
+    pub data: Vec<u8>,
+}
+
+impl StTensor {
+    /// An F32 tensor.
+    pub fn f32(name: &str, shape: &[usize], values: &[f32]) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        StTensor {
+            name: name.to_string(),
+            dtype: "F32".into(),
+            shape: shape.to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Every tensor of a checkpoint folder (single file or shards), sorted by name.
+pub fn read_checkpoint(dir: &Path) -> Vec<StTensor> {
+    let ckpt = Checkpoint::open_dir(dir).unwrap();
+    ckpt.tensors()
+        .iter()
+        .map(|(name, e)| StTensor {
+            name: name.clone(),
+            dtype: format!("{:?}", e.dtype),
+            shape: e.shape.clone(),
+            data: ckpt.bytes(e).to_vec(),
+        })
+        .collect()
+}
+
+/// The safetensors header for `tensors` stored back to back in the given order, with
+/// `{"format": "pt"}` metadata, and the concatenated data.
+pub fn safetensors_parts(tensors: &[StTensor]) -> (serde_json::Value, Vec<u8>) {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut data = Vec::new();
+    for t in tensors {
+        let start = data.len();
+        data.extend_from_slice(&t.data);
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": t.dtype,
+                "shape": t.shape,
+                "data_offsets": [start, data.len()],
+            }),
+        );
+    }
+    (serde_json::Value::Object(header), data)
+}
+
+/// Writes a safetensors file: 8-byte little-endian header length, the header bytes
+/// (space-padded to a multiple of 8, as the reference writer does), then the data.
+pub fn write_raw_safetensors(path: &Path, header: &[u8], data: &[u8]) {
+    let mut h = header.to_vec();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Writes `tensors` as one valid safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[StTensor]) {
+    let (header, data) = safetensors_parts(tensors);
+    write_raw_safetensors(path, header.to_string().as_bytes(), &data);
+}
+
+/// Deterministic pseudo-random numbers (64-bit LCG, Knuth's MMIX constants).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// Uniform in [-1, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// `n` values uniform in [-scale, scale).
+    pub fn fill(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32() * scale).collect()
+    }
+}
