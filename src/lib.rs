@@ -14,6 +14,8 @@
 //! # Ok::<(), pali::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;

@@ -281,7 +281,7 @@ impl Decoder {
     /// Builds the prefix: image rows (projector output, scaled here), `<bos>`, the prompt and
     /// the `"\n"` separator (tokenized separately, as big_vision does).
     pub fn prefix(&self, image_features: &[f32], prompt: &str) -> Result<PrefixBatch> {
-        if image_features.len() % self.hidden != 0 {
+        if !image_features.len().is_multiple_of(self.hidden) {
             return Err(Error::Model(format!(
                 "image features of width {} do not match the decoder's hidden size {}",
                 image_features.len(),

@@ -88,9 +88,9 @@ impl VisionConfig {
             rescale_factor: f.get_f32(keys::PALI_RESCALE_FACTOR)?,
         };
         if c.patch_size == 0
-            || c.image_size % c.patch_size != 0
+            || !c.image_size.is_multiple_of(c.patch_size)
             || c.heads == 0
-            || c.width % c.heads != 0
+            || !c.width.is_multiple_of(c.heads)
         {
             return Err(Error::Model(format!(
                 "{path}: inconsistent vision shape {c:?}"

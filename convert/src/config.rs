@@ -275,20 +275,20 @@ impl PaliGemmaConfig {
         }
         if t.num_attention_heads == 0
             || t.num_key_value_heads == 0
-            || t.num_attention_heads % t.num_key_value_heads != 0
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
         {
             return err(format!(
                 "text_config: num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 t.num_attention_heads, t.num_key_value_heads
             ));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return err(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return err(format!(
                 "vision_config: hidden_size {} is not divisible by num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
@@ -429,7 +429,7 @@ impl PreprocessorConfig {
             .map(|r| r as f32)
             .unwrap_or(defaults.rescale_factor);
         let std = triple("image_std", defaults.std)?;
-        if std.iter().any(|&s| s == 0.0) {
+        if std.contains(&0.0) {
             return Err(ConvertError::Config(format!(
                 "{}: image_std has a zero",
                 path.display()

@@ -6,6 +6,8 @@
 //! `llama-quantize` makes. Outputs are written as `*.partial`, fsynced and renamed: a failure
 //! or Ctrl-C never leaves a file at a target path.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod safetensors;
 pub mod vocab;

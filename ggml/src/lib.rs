@@ -4,6 +4,8 @@
 //!
 //! It also holds [`schema`], the single definition of pali's GGUF keys and tensor names.
 
+#![warn(missing_docs)]
+
 pub mod gguf;
 pub mod graph;
 pub mod llama;

@@ -210,7 +210,7 @@ impl<'m> LlamaContext<'m> {
     /// last row only.
     pub fn decode_embeddings(&mut self, embd: &[f32], pos0: i32, causal: bool) -> Result<()> {
         let d = self.model.n_embd();
-        if embd.is_empty() || embd.len() % d != 0 {
+        if embd.is_empty() || !embd.len().is_multiple_of(d) {
             return Err(Error::Invalid(format!(
                 "embedding batch of {} values is not a multiple of {d}",
                 embd.len()

@@ -76,7 +76,7 @@ impl FileType {
 /// Converts f32 values to `ty` (F32, F16, BF16 or a block-quantized type) as ggml does.
 /// `n_per_row` is the row length (ggml `ne[0]`).
 pub fn convert_f32(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>> {
-    if n_per_row == 0 || src.len() % n_per_row != 0 {
+    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
         return Err(Error::Invalid(format!(
             "bad row length {n_per_row} for {} values",
             src.len()

@@ -240,7 +240,7 @@ pub fn safetensors_parts(tensors: &[StTensor]) -> (serde_json::Value, Vec<u8>) {
 /// (space-padded to a multiple of 8, as the reference writer does), then the data.
 pub fn write_raw_safetensors(path: &Path, header: &[u8], data: &[u8]) {
     let mut h = header.to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
