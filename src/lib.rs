@@ -16,13 +16,16 @@
 
 #![warn(missing_docs)]
 
+pub mod draw;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;
 pub mod session;
 pub mod siglip;
 
-pub use prompt::Task;
+pub use prompt::{
+    parse_detections, parse_segments, DetectionBox, Detections, SegmentObject, Segments, Task,
+};
 pub use session::{Sampling, SlidingWindow};
 
 use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};

@@ -1,4 +1,5 @@
-//! The `pali` command line: convert checkpoints, inspect GGUF files, caption, ask, run.
+//! The `pali` command line: convert checkpoints, inspect GGUF files, caption, ask, detect,
+//! segment, run.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pali::preprocess::load_image;
@@ -133,6 +134,33 @@ enum Command {
     Ocr {
         /// The image.
         image: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Find objects (`detect a ; b`): boxes in the image's pixels, optionally drawn.
+    Detect {
+        /// The image.
+        image: PathBuf,
+        /// Objects to find: "cat ; dog" (or one per argument; quote multi-word names).
+        #[arg(required = true)]
+        objects: Vec<String>,
+        /// Also write the image with labelled boxes to this PNG file.
+        #[arg(long, value_name = "OUT.png")]
+        draw: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Segment objects (`segment a ; b`): boxes and the 16 mask codes per object (masks
+    /// need a VQ-VAE decoder, not available yet: "mask" is null).
+    Segment {
+        /// The image.
+        image: PathBuf,
+        /// Objects to segment: "cat ; dog" (or one per argument; quote multi-word names).
+        #[arg(required = true)]
+        objects: Vec<String>,
+        /// Also write the image with labelled boxes to this PNG file.
+        #[arg(long, value_name = "OUT.png")]
+        draw: Option<PathBuf>,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -379,6 +407,113 @@ fn expand_images(inputs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
+/// The `timings` object of the JSON output.
+fn timings_json(load_ms: f64, t: &pali::Timings) -> serde_json::Value {
+    serde_json::json!({ "load_ms": load_ms, "preprocess_ms": t.preprocess_ms,
+        "vision_ms": t.vision_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms,
+        "n_prefix": t.n_prefix, "n_gen": t.n_gen, "decode_tok_s": t.decode_tok_s })
+}
+
+/// `pali detect` / `pali segment`: one generation, parsed into boxes (and mask codes), printed
+/// as `label: x1,y1,x2,y2` lines or one JSON object; `--draw` writes the labelled picture.
+fn run_locate(
+    image: &Path,
+    objects: Vec<String>,
+    segment: bool,
+    draw: Option<&Path>,
+    args: &ModelArgs,
+) -> Result<bool, String> {
+    if objects
+        .iter()
+        .flat_map(|o| o.split(';'))
+        .all(|o| o.trim().is_empty())
+    {
+        return Err("no object names given (e.g. \"cat ; dog\")".into());
+    }
+    let prompt = if segment {
+        Task::Segment(objects)
+    } else {
+        Task::Detect(objects)
+    }
+    .prompt();
+    let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
+    let (model, load_ms) = load_model(args)?;
+    let opts = gen_options(args);
+    let g = model
+        .generate(&img, &prompt, &opts, &mut |_| {})
+        .map_err(|e| e.to_string())?;
+    let (w, h) = (img.width, img.height);
+    let (boxes, codes, mut warnings) = if segment {
+        let s = pali::parse_segments(&g.text, w, h);
+        let codes: Vec<[u8; 16]> = s.objects.iter().map(|o| o.codes).collect();
+        let boxes: Vec<_> = s.objects.into_iter().map(|o| o.bbox).collect();
+        (boxes, Some(codes), s.warnings)
+    } else {
+        let d = pali::parse_detections(&g.text, w, h);
+        (d.objects, None, d.warnings)
+    };
+    if opts.n_predict > 0 && g.tokens.len() >= opts.n_predict {
+        warnings.push(format!(
+            "the answer stopped at the -n limit ({} tokens): raise -n to get every object",
+            opts.n_predict
+        ));
+    }
+    if segment {
+        warnings.push("no VQ-VAE decoder loaded (--vae): masks not decoded".into());
+    }
+    let rounded = |b: &pali::DetectionBox| b.rect().map(|v| v.round() as i64);
+    if args.json {
+        let objs: Vec<serde_json::Value> = boxes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let mut o = serde_json::json!({
+                    "label": b.label, "box": b.rect(), "score": b.score, "loc": b.loc,
+                });
+                if let Some(codes) = &codes {
+                    o["codes"] = serde_json::json!(codes[i]);
+                    o["mask"] = serde_json::Value::Null;
+                }
+                o
+            })
+            .collect();
+        let mut obj = serde_json::json!({
+            "objects": objs,
+            "image": { "width": w, "height": h },
+            "text": g.text,
+            "tokens": g.tokens,
+            "timings": timings_json(load_ms, &g.timings),
+            "peak_rss_mb": pali::peak_rss_mb(),
+            "warnings": warnings,
+        });
+        if let Some(p) = draw {
+            obj["draw"] = serde_json::json!(p.display().to_string());
+        }
+        println!("{obj}");
+    } else {
+        for (i, b) in boxes.iter().enumerate() {
+            let [x1, y1, x2, y2] = rounded(b);
+            let mut line = format!("{}: {x1},{y1},{x2},{y2}", b.label);
+            if let Some(codes) = &codes {
+                let c: Vec<String> = codes[i].iter().map(u8::to_string).collect();
+                line.push_str(&format!(" codes={}", c.join(",")));
+            }
+            println!("{line}");
+        }
+        for wline in &warnings {
+            eprintln!("warning: {wline}");
+        }
+        if boxes.is_empty() {
+            eprintln!("no objects found (the model answered {:?})", g.text);
+        }
+    }
+    if let Some(p) = draw {
+        let pic = pali::draw::draw_detections(&img, &boxes);
+        pali::draw::save_png(&pic, p).map_err(|e| e.to_string())?;
+    }
+    Ok(true)
+}
+
 /// Runs one prompt on each image; streams text (or prints JSON Lines); keeps going past bad
 /// images. Returns whether all succeeded.
 fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<bool, String> {
@@ -413,10 +548,7 @@ fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<b
                     let mut obj = serde_json::json!({
                         "text": g.text,
                         "tokens": g.tokens,
-                        "timings": { "load_ms": load_ms, "preprocess_ms": g.timings.preprocess_ms,
-                            "vision_ms": g.timings.vision_ms, "prefill_ms": g.timings.prefill_ms,
-                            "decode_ms": g.timings.decode_ms, "n_prefix": g.timings.n_prefix,
-                            "n_gen": g.timings.n_gen, "decode_tok_s": g.timings.decode_tok_s },
+                        "timings": timings_json(load_ms, &g.timings),
                         "peak_rss_mb": pali::peak_rss_mb(),
                     });
                     if many {
@@ -543,6 +675,18 @@ fn main() -> ExitCode {
             model,
         } => generate_each(&[image], &Task::Ask { lang, question }.prompt(), &model),
         Command::Ocr { image, model } => generate_each(&[image], &Task::Ocr.prompt(), &model),
+        Command::Detect {
+            image,
+            objects,
+            draw,
+            model,
+        } => run_locate(&image, objects, false, draw.as_deref(), &model),
+        Command::Segment {
+            image,
+            objects,
+            draw,
+            model,
+        } => run_locate(&image, objects, true, draw.as_deref(), &model),
         Command::Run {
             image,
             prompt,

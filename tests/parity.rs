@@ -78,54 +78,28 @@ fn vision_tower_and_projector_match_hf() {
 #[test]
 fn first_step_logits_and_greedy_tokens_match_hf() {
     for name in FIXTURES {
-        let r = Reference::load(name);
-        let m = model(name, FileType::F32, FileType::F32);
-        let mut worst = 0f32;
-        let prompts: Vec<String> = r.json["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_string())
-            .collect();
-        for case in r.cases() {
-            let img = case["image"].as_str().unwrap();
-            let k = case["prompt_index"].as_u64().unwrap();
-            let image = load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
-            let want = ids(&case["greedy"]);
-            let opts = GenerateOptions {
-                n_predict: want.len(),
-                kv_f32: true,
-                ..Default::default()
-            };
-            let g = m
-                .generate(&image, &prompts[k as usize], &opts, &mut |_| {})
-                .unwrap();
-            let hf = r.tensor(&format!("logits.{img}.{k}"));
-            let d = max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]);
-            worst = worst.max(d);
-            let margins = floats(&case["margins"]);
-            let want: Vec<u32> = want.into_iter().filter(|&t| t != 1).collect();
-            let agree = g
-                .tokens
-                .iter()
-                .zip(&want)
-                .take_while(|(a, b)| a == b)
-                .count();
+        for c in agreement(name, FileType::F32, FileType::F32, true) {
             println!(
-                "{name} {img} {:?}: first-step logits {d:e}, greedy {agree}/{} agree",
-                prompts[k as usize],
-                want.len()
+                "{name} {} {:?}: first-step logits {:e}, greedy {}/{} agree",
+                c.image, c.prompt, c.logit_diff, c.agreed, c.total
             );
             // ggml's CPU GELU reads an F16 table (|x| < 10), ~1e-3 relative per activation.
-            assert!(d < LOGIT_TOL, "{name} {img} {k}: logits differ by {d}");
-            if agree < want.len() {
-                // Only acceptable right after a near-tie in HF's own logits.
-                assert!(
-                    margins[agree] < LOGIT_TOL,
-                    "{name} {img} {k}: diverged at step {agree} (HF margin {})",
-                    margins[agree]
-                );
-            }
+            assert!(
+                c.logit_diff < LOGIT_TOL,
+                "{name} {} {:?}: logits differ by {}",
+                c.image,
+                c.prompt,
+                c.logit_diff
+            );
+            // A divergence is only acceptable right after a near-tie in HF's own logits.
+            assert!(
+                c.agreed == c.total || c.margin_at_divergence < LOGIT_TOL,
+                "{name} {} {:?}: diverged at step {} (HF margin {})",
+                c.image,
+                c.prompt,
+                c.agreed,
+                c.margin_at_divergence
+            );
         }
     }
 }
@@ -162,9 +136,22 @@ fn text_only_decoder_matches_hf() {
     }
 }
 
-/// Per-type agreement with HF over every fixture case: (first-step max |Δlogit|, first token
-/// equal, greedy tokens equal before the first divergence, total tokens).
-fn agreement(name: &str, text: FileType, vision: FileType) -> Vec<(f32, bool, usize, usize, f32)> {
+/// One fixture case run through pali and compared with HF.
+struct CaseResult {
+    image: String,
+    prompt: String,
+    /// First-step max |Δlogit| over the real vocabulary.
+    logit_diff: f32,
+    first_token_equal: bool,
+    /// Greedy tokens equal before the first divergence.
+    agreed: usize,
+    total: usize,
+    /// HF's top-1/top-2 margin at the step where pali diverged (∞ if it did not).
+    margin_at_divergence: f32,
+}
+
+/// Runs every case of a fixture (image × prompt, greedy as long as HF's) at the given types.
+fn agreement(name: &str, text: FileType, vision: FileType, kv_f32: bool) -> Vec<CaseResult> {
     let r = Reference::load(name);
     let m = model(name, text, vision);
     let prompts: Vec<String> = r.json["prompts"]
@@ -177,7 +164,7 @@ fn agreement(name: &str, text: FileType, vision: FileType) -> Vec<(f32, bool, us
         .iter()
         .map(|case| {
             let img = case["image"].as_str().unwrap();
-            let k = case["prompt_index"].as_u64().unwrap();
+            let k = case["prompt_index"].as_u64().unwrap() as usize;
             let want: Vec<u32> = ids(&case["greedy"])
                 .into_iter()
                 .filter(|&t| t != 1)
@@ -185,30 +172,29 @@ fn agreement(name: &str, text: FileType, vision: FileType) -> Vec<(f32, bool, us
             let image = load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
             let opts = GenerateOptions {
                 n_predict: want.len(),
+                kv_f32,
                 ..Default::default()
             };
-            let g = m
-                .generate(&image, &prompts[k as usize], &opts, &mut |_| {})
-                .unwrap();
+            let g = m.generate(&image, &prompts[k], &opts, &mut |_| {}).unwrap();
             let hf = r.tensor(&format!("logits.{img}.{k}"));
-            let d = max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]);
-            let agree = g
+            let agreed = g
                 .tokens
                 .iter()
                 .zip(&want)
                 .take_while(|(a, b)| a == b)
                 .count();
-            let margin = floats(&case["margins"])
-                .get(agree)
-                .copied()
-                .unwrap_or(f32::INFINITY);
-            (
-                d,
-                g.tokens.first() == want.first(),
-                agree,
-                want.len(),
-                margin,
-            )
+            CaseResult {
+                image: img.to_string(),
+                prompt: prompts[k].clone(),
+                logit_diff: max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]),
+                first_token_equal: g.tokens.first() == want.first(),
+                agreed,
+                total: want.len(),
+                margin_at_divergence: floats(&case["margins"])
+                    .get(agreed)
+                    .copied()
+                    .unwrap_or(f32::INFINITY),
+            }
         })
         .collect()
 }
@@ -232,10 +218,10 @@ fn quantized_types_agree_with_hf() {
     ] {
         let mut rows = Vec::new();
         for name in FIXTURES {
-            let a = agreement(name, text, vision);
-            let w = a.iter().map(|r| r.0).fold(0f32, f32::max);
-            let ag: usize = a.iter().map(|r| r.2).sum();
-            let tot: usize = a.iter().map(|r| r.3).sum();
+            let a = agreement(name, text, vision, false);
+            let w = a.iter().map(|r| r.logit_diff).fold(0f32, f32::max);
+            let ag: usize = a.iter().map(|r| r.agreed).sum();
+            let tot: usize = a.iter().map(|r| r.total).sum();
             println!(
                 "  {name} {} {}: max |dlogit| {w:.3e}, tokens {ag}/{tot}",
                 text.label(),
@@ -244,10 +230,10 @@ fn quantized_types_agree_with_hf() {
             rows.extend(a);
         }
         let n = rows.len();
-        let worst = rows.iter().map(|r| r.0).fold(0f32, f32::max);
-        let top1 = rows.iter().filter(|r| r.1).count();
-        let agreed: usize = rows.iter().map(|r| r.2).sum();
-        let total: usize = rows.iter().map(|r| r.3).sum();
+        let worst = rows.iter().map(|r| r.logit_diff).fold(0f32, f32::max);
+        let top1 = rows.iter().filter(|r| r.first_token_equal).count();
+        let agreed: usize = rows.iter().map(|r| r.agreed).sum();
+        let total: usize = rows.iter().map(|r| r.total).sum();
         println!(
             "decoder {:>6} vision {:>4}: first-step max |dlogit| {worst:.3e}, first-token top-1 {top1}/{n}, greedy tokens before divergence {agreed}/{total}",
             text.label(),
@@ -263,8 +249,11 @@ fn quantized_types_agree_with_hf() {
         );
         if text == FileType::F16 {
             for r in &rows {
-                if r.2 < r.3 && r.4 >= logit_bound {
-                    failures.push(format!("F16 diverged from HF at a margin of {}", r.4));
+                if r.agreed < r.total && r.margin_at_divergence >= logit_bound {
+                    failures.push(format!(
+                        "F16 diverged from HF at a margin of {}",
+                        r.margin_at_divergence
+                    ));
                 }
             }
         }

@@ -92,24 +92,11 @@ impl LlamaModel {
 
     /// Tokenizes with llama.cpp's own tokenizer (special pieces such as `<loc0001>` parsed).
     pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<i32>> {
+        // SAFETY: valid model; the vocab lives as long as it.
         let vocab = unsafe { sys::llama_model_get_vocab(self.raw) };
-        let mut out = vec![0i32; text.len() + 8];
-        // SAFETY: buffer sizes passed explicitly; a negative result is the needed size.
-        let mut n = unsafe {
-            sys::llama_tokenize(
-                vocab,
-                text.as_ptr() as *const _,
-                text.len() as i32,
-                out.as_mut_ptr(),
-                out.len() as i32,
-                add_bos,
-                true,
-            )
-        };
-        if n < 0 {
-            out.resize((-n) as usize, 0);
-            // SAFETY: as above with the size llama.cpp asked for.
-            n = unsafe {
+        let run = |out: &mut Vec<i32>| {
+            // SAFETY: buffer sizes passed explicitly; a negative result is the needed size.
+            unsafe {
                 sys::llama_tokenize(
                     vocab,
                     text.as_ptr() as *const _,
@@ -119,7 +106,13 @@ impl LlamaModel {
                     add_bos,
                     true,
                 )
-            };
+            }
+        };
+        let mut out = vec![0i32; text.len() + 8];
+        let mut n = run(&mut out);
+        if n < 0 {
+            out.resize((-n) as usize, 0);
+            n = run(&mut out);
             if n < 0 {
                 return Err(Error::Backend("llama_tokenize failed".into()));
             }
