@@ -101,12 +101,35 @@ impl Default for LoadOptions {
     }
 }
 
-/// Physical core count (hyper-threads do not help ggml's matmuls).
+/// Physical core count (hyper-threads do not help ggml's matmuls); logical CPUs where the
+/// topology is unknown.
 pub fn default_threads() -> i32 {
-    std::thread::available_parallelism()
+    let logical = std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 64) as i32
+        .unwrap_or(1);
+    physical_cores().unwrap_or(logical).clamp(1, 64) as i32
+}
+
+/// Distinct (package, core) pairs among the CPUs this process may run on (Linux sysfs).
+fn physical_cores() -> Option<usize> {
+    let mut cores = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/sys/devices/system/cpu").ok()? {
+        let path = entry.ok()?.path();
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        if !name
+            .strip_prefix("cpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let read = |f: &str| std::fs::read_to_string(path.join("topology").join(f)).ok();
+        if let (Some(pkg), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            cores.insert((pkg.trim().to_string(), core.trim().to_string()));
+        }
+    }
+    let logical = std::thread::available_parallelism().map(|n| n.get()).ok()?;
+    // Inside a cgroup/affinity limit, never exceed the CPUs we may use.
+    (!cores.is_empty()).then(|| cores.len().min(logical))
 }
 
 /// Per-request options.
