@@ -1,8 +1,9 @@
-//! Pictures of the results: boxes with label tags drawn onto the original image, written as
-//! PNG atomically.
+//! Pictures of the results: boxes with label tags (and segmentation masks, shaded in the
+//! label's colour) drawn onto the original image, and binary masks, written as PNG atomically.
 
 use crate::preprocess::RgbImage;
 use crate::prompt::DetectionBox;
+use crate::vae::Mask;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -55,8 +56,37 @@ pub fn line_width(image: &RgbImage) -> u32 {
 /// outline covers columns `x1 ..= x1 + w - 1` and `x2 - w ..= x2 - 1` (w = [`line_width`]),
 /// and the same for rows; boxes are clipped to the image.
 pub fn draw_detections(image: &RgbImage, objects: &[DetectionBox]) -> RgbImage {
+    draw_segments(image, objects, &[])
+}
+
+/// Like [`draw_detections`], with each object's mask first shaded half-transparently in its
+/// label colour: every pixel inside becomes `(pixel + colour) / 2` per channel, rounded up
+/// (`masks[i]` belongs to `objects[i]`; `None` or a missing entry draws no mask; where masks
+/// overlap, the later one is blended over the earlier). Then the boxes and tags on top.
+/// Masks of another size than the image are ignored.
+pub fn draw_segments(
+    image: &RgbImage,
+    objects: &[DetectionBox],
+    masks: &[Option<&Mask>],
+) -> RgbImage {
     let mut out = image.clone();
     let colors = label_colors(objects);
+    for (m, &c) in masks.iter().zip(&colors) {
+        let Some(m) = m else { continue };
+        if (m.width, m.height) != (image.width, image.height) {
+            continue;
+        }
+        for (px, _) in out
+            .data
+            .chunks_exact_mut(3)
+            .zip(&m.data)
+            .filter(|(_, &inside)| inside)
+        {
+            for (v, &cv) in px.iter_mut().zip(&c) {
+                *v = (u16::from(*v) + u16::from(cv)).div_ceil(2) as u8;
+            }
+        }
+    }
     let lw = line_width(image);
     for (o, &c) in objects.iter().zip(&colors) {
         draw_box(&mut out, o.rect(), c, lw);
@@ -283,6 +313,47 @@ fn partial_path(path: &Path) -> PathBuf {
 /// so an error never leaves a half-written file at `path` (an existing file is replaced).
 /// Errors name the path.
 pub fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
+    write_png(
+        &image.data,
+        image.width,
+        image.height,
+        image::ExtendedColorType::Rgb8,
+        path,
+    )
+}
+
+/// The union of `masks` (all of `width` × `height`) as a single-channel 8-bit image, 255
+/// inside any mask and 0 elsewhere, row-major.
+pub fn union_mask(masks: &[&Mask], width: u32, height: u32) -> Vec<u8> {
+    let mut out = vec![0u8; width as usize * height as usize];
+    for m in masks {
+        if (m.width, m.height) != (width, height) {
+            continue;
+        }
+        for (o, &inside) in out.iter_mut().zip(&m.data) {
+            if inside {
+                *o = 255;
+            }
+        }
+    }
+    out
+}
+
+/// Writes the union of `masks` as a single-channel (grayscale 8-bit) PNG of `width` ×
+/// `height` to `path`, 255 inside any mask, 0 elsewhere; atomically, like [`save_png`].
+pub fn save_mask_png(masks: &[&Mask], width: u32, height: u32, path: &Path) -> Result<()> {
+    let data = union_mask(masks, width, height);
+    write_png(&data, width, height, image::ExtendedColorType::L8, path)
+}
+
+/// PNG to `path.partial` (fsynced), then renamed to `path`; errors name `path`.
+fn write_png(
+    data: &[u8],
+    width: u32,
+    height: u32,
+    color: image::ExtendedColorType,
+    path: &Path,
+) -> Result<()> {
     use image::ImageEncoder;
     let err =
         |e: &dyn std::fmt::Display| Error::Io(format!("{}: cannot write: {e}", path.display()));
@@ -293,12 +364,7 @@ pub fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
     let write = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let file = std::fs::File::create(&tmp)?;
         let mut w = std::io::BufWriter::new(file);
-        image::codecs::png::PngEncoder::new(&mut w).write_image(
-            &image.data,
-            image.width,
-            image.height,
-            image::ExtendedColorType::Rgb8,
-        )?;
+        image::codecs::png::PngEncoder::new(&mut w).write_image(data, width, height, color)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
@@ -381,6 +447,26 @@ mod tests {
         assert_eq!(px(&img, 0, 0), [0, 255, 0]);
         assert_eq!(px(&img, 49, 39), [0, 255, 0]);
         draw_box(&mut img, [f32::NAN, 0.0, 5.0, 5.0], [0, 0, 255], 3);
+    }
+
+    #[test]
+    fn masks_are_shaded_half_in_the_label_colour() {
+        let img = gray(40, 30);
+        let b = DetectionBox::from_loc([0, 0, 1023, 1023], "cat", 40, 30);
+        let mut m = Mask::empty(40, 30);
+        m.data[25 * 40 + 20] = true; // (20, 25): clear of the outline and the tag
+        let out = draw_segments(&img, std::slice::from_ref(&b), &[Some(&m)]);
+        let c = PALETTE[0];
+        let want = c.map(|v| (100 + u16::from(v)).div_ceil(2) as u8);
+        assert_eq!(px(&out, 20, 25), want);
+        assert_eq!(px(&out, 19, 25), [100; 3]);
+        assert_eq!(px(&out, 0, 15), c);
+        // A mask of another size is ignored.
+        let other = draw_segments(&img, &[b], &[Some(&Mask::empty(3, 3))]);
+        assert_eq!(px(&other, 20, 25), [100; 3]);
+        let u = union_mask(&[&m, &Mask::empty(40, 30)], 40, 30);
+        assert_eq!(u.iter().filter(|&&v| v == 255).count(), 1);
+        assert_eq!(u[25 * 40 + 20], 255);
     }
 
     #[test]

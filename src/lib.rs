@@ -22,11 +22,13 @@ pub mod projector;
 pub mod prompt;
 pub mod session;
 pub mod siglip;
+pub mod vae;
 
 pub use prompt::{
     parse_detections, parse_segments, DetectionBox, Detections, SegmentObject, Segments, Task,
 };
 pub use session::{Sampling, SlidingWindow};
+pub use vae::{convert_vae, Mask, MaskDecoder};
 
 use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
 use session::{DecodeOptions, Decoder, DecoderOptions};

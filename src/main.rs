@@ -99,6 +99,18 @@ enum Command {
         #[arg(short, long, default_value_t = 0)]
         threads: i32,
     },
+    /// Convert big_vision's segmentation VQ-VAE (vae-oid.npz) into a mask decoder GGUF for
+    /// `segment --vae`.
+    ConvertVae {
+        /// The .npz file (big_vision's vae-oid.npz: PyTorch names, float32).
+        npz: PathBuf,
+        /// Output GGUF (default: the .npz path with a .gguf extension).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Overwrite an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a GGUF file's metadata and tensor table.
     Info {
         /// The GGUF file.
@@ -150,17 +162,24 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
-    /// Segment objects (`segment a ; b`): boxes and the 16 mask codes per object (masks
-    /// need a VQ-VAE decoder, not available yet: "mask" is null).
+    /// Segment objects (`segment a ; b`): boxes, the 16 mask codes per object and, with
+    /// --vae, each object's binary mask in the image's pixels.
     Segment {
         /// The image.
         image: PathBuf,
         /// Objects to segment: "cat ; dog" (or one per argument; quote multi-word names).
         #[arg(required = true)]
         objects: Vec<String>,
-        /// Also write the image with labelled boxes to this PNG file.
+        /// Mask decoder GGUF (`pali convert-vae vae-oid.npz -o vae.gguf`); without it masks
+        /// are not decoded ("mask": null).
+        #[arg(long, value_name = "VAE.gguf")]
+        vae: Option<PathBuf>,
+        /// Also write the image with labelled boxes (and masks, with --vae) to this PNG file.
         #[arg(long, value_name = "OUT.png")]
         draw: Option<PathBuf>,
+        /// Write the union of all masks as a single-channel PNG (255 inside); needs --vae.
+        #[arg(long, value_name = "MASK.png")]
+        mask_out: Option<PathBuf>,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -414,13 +433,25 @@ fn timings_json(load_ms: f64, t: &pali::Timings) -> serde_json::Value {
         "n_prefix": t.n_prefix, "n_gen": t.n_gen, "decode_tok_s": t.decode_tok_s })
 }
 
-/// `pali detect` / `pali segment`: one generation, parsed into boxes (and mask codes), printed
-/// as `label: x1,y1,x2,y2` lines or one JSON object; `--draw` writes the labelled picture.
+/// Output files and the mask decoder of `pali detect` / `pali segment`.
+#[derive(Default)]
+struct LocateOutputs<'a> {
+    /// `--draw`.
+    draw: Option<&'a Path>,
+    /// `--mask-out` (segment).
+    mask_out: Option<&'a Path>,
+    /// `--vae` (segment).
+    vae: Option<&'a Path>,
+}
+
+/// `pali detect` / `pali segment`: one generation, parsed into boxes (and mask codes, and with
+/// a mask decoder masks), printed as `label: x1,y1,x2,y2` lines or one JSON object; `--draw`
+/// writes the labelled picture, `--mask-out` the masks.
 fn run_locate(
     image: &Path,
     objects: Vec<String>,
     segment: bool,
-    draw: Option<&Path>,
+    outs: LocateOutputs<'_>,
     args: &ModelArgs,
 ) -> Result<bool, String> {
     if objects
@@ -430,6 +461,16 @@ fn run_locate(
     {
         return Err("no object names given (e.g. \"cat ; dog\")".into());
     }
+    if outs.mask_out.is_some() && outs.vae.is_none() {
+        return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
+    }
+    let draw = outs.draw;
+    let threads = args.threads.unwrap_or_else(pali::default_threads);
+    let vae = outs
+        .vae
+        .map(|p| pali::MaskDecoder::load(p, threads))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let prompt = if segment {
         Task::Segment(objects)
     } else {
@@ -443,8 +484,22 @@ fn run_locate(
         .generate(&img, &prompt, &opts, &mut |_| {})
         .map_err(|e| e.to_string())?;
     let (w, h) = (img.width, img.height);
+    let mut masks: Vec<pali::Mask> = Vec::new();
     let (boxes, codes, mut warnings) = if segment {
-        let s = pali::parse_segments(&g.text, w, h);
+        let mut s = pali::parse_segments(&g.text, w, h);
+        if let Some(vae) = &vae {
+            for (i, o) in s.objects.iter().enumerate() {
+                let m = vae.mask(o, w, h).map_err(|e| e.to_string())?;
+                if m.area() == 0 {
+                    let [x1, y1, x2, y2] = pali::vae::mask_box(o.bbox.loc, w, h);
+                    s.warnings.push(format!(
+                        "objects[{i}] ({:?}): empty mask (box {x1},{y1},{x2},{y2} in whole pixels)",
+                        o.label()
+                    ));
+                }
+                masks.push(m);
+            }
+        }
         let codes: Vec<[u8; 16]> = s.objects.iter().map(|o| o.codes).collect();
         let boxes: Vec<_> = s.objects.into_iter().map(|o| o.bbox).collect();
         (boxes, Some(codes), s.warnings)
@@ -458,7 +513,7 @@ fn run_locate(
             opts.n_predict
         ));
     }
-    if segment {
+    if segment && vae.is_none() {
         warnings.push("no VQ-VAE decoder loaded (--vae): masks not decoded".into());
     }
     let rounded = |b: &pali::DetectionBox| b.rect().map(|v| v.round() as i64);
@@ -473,6 +528,13 @@ fn run_locate(
                 if let Some(codes) = &codes {
                     o["codes"] = serde_json::json!(codes[i]);
                     o["mask"] = serde_json::Value::Null;
+                }
+                if let Some(m) = masks.get(i) {
+                    let mb = pali::vae::mask_box(b.loc, w, h);
+                    o["mask"] =
+                        serde_json::json!({ "size": [m.height, m.width], "counts": m.rle() });
+                    o["mask_box"] = serde_json::json!(mb);
+                    o["area"] = serde_json::json!(m.area());
                 }
                 o
             })
@@ -489,6 +551,9 @@ fn run_locate(
         if let Some(p) = draw {
             obj["draw"] = serde_json::json!(p.display().to_string());
         }
+        if let Some(p) = outs.mask_out {
+            obj["mask_out"] = serde_json::json!(p.display().to_string());
+        }
         println!("{obj}");
     } else {
         for (i, b) in boxes.iter().enumerate() {
@@ -497,6 +562,9 @@ fn run_locate(
             if let Some(codes) = &codes {
                 let c: Vec<String> = codes[i].iter().map(u8::to_string).collect();
                 line.push_str(&format!(" codes={}", c.join(",")));
+            }
+            if let Some(m) = masks.get(i) {
+                line.push_str(&format!(" area={}", m.area()));
             }
             println!("{line}");
         }
@@ -508,10 +576,45 @@ fn run_locate(
         }
     }
     if let Some(p) = draw {
-        let pic = pali::draw::draw_detections(&img, &boxes);
+        let mask_refs: Vec<Option<&pali::Mask>> = masks.iter().map(Some).collect();
+        let pic = pali::draw::draw_segments(&img, &boxes, &mask_refs);
         pali::draw::save_png(&pic, p).map_err(|e| e.to_string())?;
     }
+    if let Some(p) = outs.mask_out {
+        let refs: Vec<&pali::Mask> = masks.iter().collect();
+        pali::draw::save_mask_png(&refs, w, h, p).map_err(|e| e.to_string())?;
+    }
     Ok(true)
+}
+
+/// `pali convert-vae`: the mask decoder GGUF next to the .npz unless `-o` says otherwise.
+fn run_convert_vae(npz: &Path, out: Option<PathBuf>, force: bool) -> Result<PathBuf, String> {
+    let out = match out {
+        Some(o) if o.is_dir() => {
+            let stem = npz
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            o.join(format!("{stem}.gguf"))
+        }
+        Some(o) => o,
+        None => npz.with_extension("gguf"),
+    };
+    if out == npz {
+        return Err(format!(
+            "{}: output would overwrite the input",
+            out.display()
+        ));
+    }
+    ctrlc::set_handler(|| {
+        pali_convert::remove_partial_files();
+        eprintln!("\ninterrupted: no output written");
+        std::process::exit(130);
+    })
+    .map_err(|e| e.to_string())?;
+    pali::convert_vae(npz, &out, force).map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// Runs one prompt on each image; streams text (or prints JSON Lines); keeps going past bad
@@ -654,6 +757,10 @@ fn main() -> ExitCode {
             println!("{}", o.mmproj.display());
             true
         }),
+        Command::ConvertVae { npz, out, force } => run_convert_vae(&npz, out, force).map(|o| {
+            println!("{}", o.display());
+            true
+        }),
         Command::Info { file } => run_info(file).map(|_| true),
         Command::Caption {
             images,
@@ -680,13 +787,34 @@ fn main() -> ExitCode {
             objects,
             draw,
             model,
-        } => run_locate(&image, objects, false, draw.as_deref(), &model),
+        } => run_locate(
+            &image,
+            objects,
+            false,
+            LocateOutputs {
+                draw: draw.as_deref(),
+                ..Default::default()
+            },
+            &model,
+        ),
         Command::Segment {
             image,
             objects,
+            vae,
             draw,
+            mask_out,
             model,
-        } => run_locate(&image, objects, true, draw.as_deref(), &model),
+        } => run_locate(
+            &image,
+            objects,
+            true,
+            LocateOutputs {
+                draw: draw.as_deref(),
+                mask_out: mask_out.as_deref(),
+                vae: vae.as_deref(),
+            },
+            &model,
+        ),
         Command::Run {
             image,
             prompt,

@@ -1,7 +1,7 @@
-//! Safe building blocks for running our own ggml graphs (the SigLIP tower) on the same ggml
-//! backend llama.cpp uses: a [`Backend`], [`Weights`] that point ggml tensors into a GGUF
-//! file (zero-copy mmap on the CPU, uploaded once on a GPU), and a [`Graph`] builder whose
-//! [`Tensor`] handles cannot outlive it.
+//! Safe building blocks for running our own ggml graphs (the SigLIP tower, the segmentation
+//! mask decoder) on the same ggml backend llama.cpp uses: a [`Backend`], [`Weights`] that
+//! point ggml tensors into a GGUF file (zero-copy mmap on the CPU, uploaded once on a GPU),
+//! and a [`Graph`] builder whose [`Tensor`] handles cannot outlive it.
 
 use crate::gguf::GgufFile;
 use crate::{sys, Error, GgmlType, Result};
@@ -188,6 +188,12 @@ impl Tensor<'_> {
         // SAFETY: as above.
         GgmlType(unsafe { (*self.raw).type_ })
     }
+
+    /// Whether the elements lie densely in memory in ggml order.
+    pub fn is_contiguous(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { sys::ggml_is_contiguous(self.raw) }
+    }
 }
 
 /// A computation graph under construction, then run on a backend.
@@ -195,7 +201,7 @@ pub struct Graph<'w> {
     ctx: *mut sys::ggml_context,
     gf: *mut sys::ggml_cgraph,
     weights: &'w Weights,
-    inputs: std::cell::RefCell<Vec<(*mut sys::ggml_tensor, Vec<f32>)>>,
+    inputs: std::cell::RefCell<Vec<(*mut sys::ggml_tensor, Vec<u8>)>>,
     galloc: std::cell::Cell<sys::ggml_gallocr_t>,
 }
 
@@ -288,7 +294,28 @@ impl<'w> Graph<'w> {
             sys::ggml_set_input(t);
             t
         };
-        self.inputs.borrow_mut().push((raw, data));
+        let bytes = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        self.inputs.borrow_mut().push((raw, bytes));
+        self.wrap(raw)
+    }
+
+    /// An I32 input tensor of shape `ne` filled with `data` when the graph runs (row indices
+    /// for [`Graph::get_rows`]).
+    pub fn input_i32(&self, ne: &[i64], data: Vec<i32>) -> Tensor<'_> {
+        assert_eq!(
+            ne.iter().product::<i64>() as usize,
+            data.len(),
+            "input size"
+        );
+        // SAFETY: valid context; the tensor is allocated by the graph allocator later.
+        let raw = unsafe {
+            let t =
+                sys::ggml_new_tensor(self.ctx, sys::GGML_TYPE_I32, ne.len() as i32, ne.as_ptr());
+            sys::ggml_set_input(t);
+            t
+        };
+        let bytes = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        self.inputs.borrow_mut().push((raw, bytes));
         self.wrap(raw)
     }
 
@@ -317,6 +344,113 @@ impl<'w> Graph<'w> {
         cont,
         ggml_cont
     );
+    unary!(
+        #[doc = "ReLU, `max(x, 0)`."]
+        relu,
+        ggml_relu
+    );
+
+    /// Rows of `a` (`[n, rows, …]`) picked by the I32 indices in `idx` (`[k]`, see
+    /// [`Graph::input_i32`]): result `[n, k]`, F32.
+    pub fn get_rows(&self, a: Tensor<'_>, idx: Tensor<'_>) -> Tensor<'_> {
+        assert_eq!(
+            idx.ty().0,
+            sys::GGML_TYPE_I32,
+            "get_rows indices must be I32"
+        );
+        assert!(
+            idx.ne()[1..].iter().all(|&d| d == 1) && a.ne()[2..].iter().all(|&d| d == 1),
+            "get_rows: 2-D table and 1-D indices only"
+        );
+        // SAFETY: valid context and tensors; types and ranks checked above (ggml checks
+        // each index against the row count when it runs).
+        self.wrap(unsafe { sys::ggml_get_rows(self.ctx, a.raw, idx.raw) })
+    }
+
+    /// 2-D im2col for a convolution with `kernel` (`[kw, kh, c_in, c_out]`, only its shape is
+    /// used) over `data` (`[w, h, c_in, n]`, F32, contiguous), stride 1, zero padding `pad`
+    /// on every side, computed in F32 (ggml's `conv_2d` rounds to F16). Result
+    /// `[c_in·kh·kw, w_out, h_out, n]`, each column ordered (c_in, ky, kx) like the kernel's
+    /// memory, so `mul_mat(reshape(cols, [k, w_out·h_out]), reshape(kernel, [k, c_out]))`
+    /// is the convolution, `[w_out·h_out, c_out]`.
+    pub fn im2col(&self, kernel: Tensor<'_>, data: Tensor<'_>, pad: i32) -> Tensor<'_> {
+        let (k, d) = (kernel.ne(), data.ne());
+        assert_eq!(k[2], d[2], "im2col: kernel and data channels differ");
+        assert!(
+            d[0] + 2 * i64::from(pad) >= k[0] && d[1] + 2 * i64::from(pad) >= k[1],
+            "im2col: data smaller than the kernel"
+        );
+        assert!(
+            data.is_contiguous() && data.ty() == GgmlType::F32,
+            "im2col: F32 contiguous data"
+        );
+        // SAFETY: valid context and tensors; shapes checked above.
+        self.wrap(unsafe {
+            sys::ggml_im2col(
+                self.ctx,
+                kernel.raw,
+                data.raw,
+                1,
+                1,
+                pad,
+                pad,
+                1,
+                1,
+                true,
+                sys::GGML_TYPE_F32,
+            )
+        })
+    }
+
+    /// Transposed 2-D convolution without padding (PyTorch `ConvTranspose2d(padding=0)`):
+    /// `kernel` `[kw, kh, c_out, c_in]` (F32 or F16: the PyTorch `[in, out, kh, kw]` layout
+    /// as stored), `data` `[w, h, c_in, n]` F32. Result `[(w-1)·s + kw, (h-1)·s + kh, c_out,
+    /// n]`, F32. With an F32 kernel the CPU computes in F32.
+    pub fn conv_transpose_2d_p0(
+        &self,
+        kernel: Tensor<'_>,
+        data: Tensor<'_>,
+        stride: i32,
+    ) -> Tensor<'_> {
+        assert_eq!(
+            kernel.ne()[3],
+            data.ne()[2],
+            "conv_transpose_2d: kernel and data channels differ"
+        );
+        assert!(stride > 0, "conv_transpose_2d: stride must be positive");
+        assert!(data.ty() == GgmlType::F32, "conv_transpose_2d: F32 data");
+        // SAFETY: valid context and tensors; channels checked above.
+        self.wrap(unsafe { sys::ggml_conv_transpose_2d_p0(self.ctx, kernel.raw, data.raw, stride) })
+    }
+
+    /// A view of the `w` × `h` window at (`x0`, `y0`) of every plane of `a` (dims 0 and 1
+    /// cropped, dims 2 and 3 kept). Not contiguous: follow with [`Graph::cont`] where needed.
+    pub fn crop_2d(&self, a: Tensor<'_>, x0: i64, y0: i64, w: i64, h: i64) -> Tensor<'_> {
+        let ne = a.ne();
+        assert!(
+            x0 >= 0 && y0 >= 0 && w > 0 && h > 0 && x0 + w <= ne[0] && y0 + h <= ne[1],
+            "crop_2d: window {w}x{h} at ({x0}, {y0}) outside {}x{}",
+            ne[0],
+            ne[1]
+        );
+        // SAFETY: valid context and tensor; the window lies inside `a` (checked above), with
+        // `a`'s own strides.
+        self.wrap(unsafe {
+            let nb = (*a.raw).nb;
+            sys::ggml_view_4d(
+                self.ctx,
+                a.raw,
+                w,
+                h,
+                ne[2],
+                ne[3],
+                nb[1],
+                nb[2],
+                nb[3],
+                x0 as usize * nb[0] + y0 as usize * nb[1],
+            )
+        })
+    }
 
     /// Normalises over ne0 (mean 0, variance 1): the LayerNorm core.
     pub fn norm(&self, a: Tensor<'_>, eps: f32) -> Tensor<'_> {
@@ -403,12 +537,12 @@ impl<'w> Graph<'w> {
             ));
             if !sys::ggml_gallocr_alloc_graph(self.galloc.get(), self.gf) {
                 return Err(Error::Backend(format!(
-                    "out of memory for the vision graph on {}",
+                    "out of memory for a ggml graph on {}",
                     backend.name()
                 )));
             }
             for (t, data) in self.inputs.borrow().iter() {
-                sys::ggml_backend_tensor_set(*t, data.as_ptr() as *const _, 0, data.len() * 4);
+                sys::ggml_backend_tensor_set(*t, data.as_ptr() as *const _, 0, data.len());
             }
             if backend.is_cpu {
                 sys::ggml_backend_cpu_set_n_threads(backend.raw, backend.threads.max(1));

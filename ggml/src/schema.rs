@@ -5,6 +5,7 @@
 //! Decoder file: llama.cpp's `gemma2` architecture, so stock llama.cpp loads it.
 //! mmproj file: llama.cpp's `clip` conventions (`clip.vision.*` keys, `v.*` / `mm.*` tensors)
 //! with projector type `paligemma`, plus a few `paligemma.*` keys for preprocessing.
+//! Mask decoder file (optional, for `segment`): architecture `paligemma-vae`, see [`vae`].
 //!
 //! Layout of the projector: `mm.input_projection.weight` has ggml shape `[vision_width,
 //! text_hidden]`, i.e. the PyTorch `[out, in]` Linear layout (NOT Gemma 3's transposed one),
@@ -314,4 +315,96 @@ pub mod token_type {
     pub const UNUSED: i32 = 5;
     #[allow(missing_docs)]
     pub const BYTE: i32 = 6;
+}
+
+/// The segmentation mask decoder file (`pali convert-vae vae-oid.npz`): the decoder half of
+/// big_vision's VQ-VAE (`vae-oid.npz`, PyTorch `state_dict` names and layouts), all F32.
+///
+/// Every tensor keeps its PyTorch layout, so its ggml shape is the PyTorch shape reversed:
+/// convolutions `[out, in, kh, kw]` → ggml `[kw, kh, in, out]` (what `im2col` + `mul_mat`
+/// read), transposed convolutions `[in, out, kh, kw]` → ggml `[kw, kh, out, in]` (what
+/// `ggml_conv_transpose_2d_p0` reads), the codebook `[128, D]` → ggml `[D, 128]` (rows for
+/// `get_rows`).
+pub mod vae {
+    /// `general.architecture` of a mask decoder file.
+    pub const ARCH: &str = "paligemma-vae";
+    /// Number of codebook entries (`<seg000>` … `<seg127>`).
+    pub const CODEBOOK_SIZE: &str = "paligemma-vae.codebook_size";
+    /// Width D of one codebook entry (read from the `.npz`).
+    pub const CODEBOOK_DIM: &str = "paligemma-vae.codebook_dim";
+    /// Side of the decoded square map (64).
+    pub const MAP_SIZE: &str = "paligemma-vae.map_size";
+
+    /// Codebook entries of PaliGemma's mask tokenizer.
+    pub const NUM_CODES: usize = 128;
+    /// Channels of the decoder body (big_vision `Decoder.dim`).
+    pub const WIDTH: usize = 128;
+    /// Output side of the decoder: 4 × 2⁴.
+    pub const MAP: usize = 64;
+    /// Output channels of the four transposed convolutions (inputs: 128, then these).
+    pub const UP_CHANNELS: [usize; 4] = [128, 64, 32, 16];
+
+    /// The codebook, ggml `[D, 128]`.
+    pub const CODEBOOK: &str = "vae.codebook";
+    /// The 1×1 input convolution D → 128 (`decoder.0`).
+    pub const IN_W: &str = "vae.in.weight";
+    #[allow(missing_docs)]
+    pub const IN_B: &str = "vae.in.bias";
+    /// The 1×1 output convolution 16 → 1 (`decoder.12`).
+    pub const OUT_W: &str = "vae.out.weight";
+    #[allow(missing_docs)]
+    pub const OUT_B: &str = "vae.out.bias";
+
+    /// Convolution `j` (0: 3×3, 1: 3×3, 2: 1×1) of residual block `r` (0, 1):
+    /// `vae.res.{r}.conv.{j}.{weight|bias}`.
+    pub fn res_conv(r: usize, j: usize, what: &str) -> String {
+        format!("vae.res.{r}.conv.{j}.{what}")
+    }
+
+    /// Transposed convolution `i` (0..4): `vae.up.{i}.{weight|bias}`.
+    pub fn up(i: usize, what: &str) -> String {
+        format!("vae.up.{i}.{what}")
+    }
+
+    /// The codebook array's name in `vae-oid.npz` (shape `[128, D]`).
+    pub const NPZ_CODEBOOK: &str = "_vq_vae._embedding";
+
+    /// Every tensor of the file: (name in `vae-oid.npz`, GGUF name, PyTorch shape), for a
+    /// codebook of width `d`. The `.npz`'s other arrays (the encoder) are not needed.
+    pub fn tensors(d: usize) -> Vec<(String, String, Vec<usize>)> {
+        let mut v = vec![
+            (
+                NPZ_CODEBOOK.to_string(),
+                CODEBOOK.to_string(),
+                vec![NUM_CODES, d],
+            ),
+            ("decoder.0.weight".into(), IN_W.into(), vec![WIDTH, d, 1, 1]),
+            ("decoder.0.bias".into(), IN_B.into(), vec![WIDTH]),
+        ];
+        for r in 0..2 {
+            for (j, k) in [(0, 3), (1, 3), (2, 1)] {
+                let npz = format!("decoder.{}.net.{}", r + 2, 2 * j);
+                v.push((
+                    format!("{npz}.weight"),
+                    res_conv(r, j, "weight"),
+                    vec![WIDTH, WIDTH, k, k],
+                ));
+                v.push((format!("{npz}.bias"), res_conv(r, j, "bias"), vec![WIDTH]));
+            }
+        }
+        let mut cin = WIDTH;
+        for (i, &cout) in UP_CHANNELS.iter().enumerate() {
+            let npz = format!("decoder.{}", 4 + 2 * i);
+            v.push((
+                format!("{npz}.weight"),
+                up(i, "weight"),
+                vec![cin, cout, 4, 4],
+            ));
+            v.push((format!("{npz}.bias"), up(i, "bias"), vec![cout]));
+            cin = cout;
+        }
+        v.push(("decoder.12.weight".into(), OUT_W.into(), vec![1, cin, 1, 1]));
+        v.push(("decoder.12.bias".into(), OUT_B.into(), vec![1]));
+        v
+    }
 }

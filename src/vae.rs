@@ -1,0 +1,745 @@
+//! Segmentation masks: the decoder half of big_vision's VQ-VAE (`vae-oid.npz`) on ggml, and
+//! the placement of its 64×64 map into the original image, both as big_vision's evaluator
+//! does them (`big_vision/evaluators/proj/paligemma/transfers/segmentation.py`, spec §7.2).
+//!
+//! - [`convert_vae`] turns `vae-oid.npz` into a small F32 GGUF (`paligemma-vae`; names and
+//!   layouts in [`pali_ggml::schema::vae`]).
+//! - [`MaskDecoder::decode`] maps the 16 `<segNNN>` codes of an object to a 64×64 map of
+//!   logits (≈ −1 … 1; inside where > 0): codebook lookup → 1×1 conv D→128 + ReLU → two
+//!   residual blocks (3×3, ReLU, 3×3, ReLU, 1×1, + input) → four transposed convs (kernel 4,
+//!   stride 2: 4→8→16→32→64 px, 128→128→64→32→16 channels) each + ReLU → 1×1 conv 16→1.
+//!   All in F32. big_vision runs Flax `ConvTranspose(padding=2, transpose_kernel=True)` on
+//!   kernels transposed from the PyTorch file; that equals PyTorch's
+//!   `ConvTranspose2d(k=4, s=2, padding=1)` on the stored weights (proved numerically by
+//!   `models/fixtures/make_vae_fixture.py`), computed here as ggml's unpadded transposed
+//!   conv (output 2n+2) cropped by one pixel on each side.
+//! - [`place_mask`] puts a map into the box like the evaluator: box edges truncated to whole
+//!   pixels ([`mask_box`]), the map resized to the box with PIL's BILINEAR filter on a float
+//!   image ([`resize_bilinear_f32`], bit-exact with Pillow ≥ 13), thresholded at `> 0`, and
+//!   pasted into an all-zero image of the original size.
+
+use crate::prompt::{SegmentObject, SEG_TOKENS};
+use crate::{Error, Result};
+use pali_ggml::gguf::{GgufFile, GgufWriter, Value};
+use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
+use pali_ggml::schema::{keys, vae as names};
+use pali_ggml::GgmlType;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Side of the decoded map: 64 (a 64×64 map per object).
+pub const MAP_SIZE: usize = names::MAP;
+
+// ---------------------------------------------------------------------------
+// .npz reading
+
+/// One `.npy` array: little-endian float32 data in C order.
+struct NpyArray {
+    shape: Vec<usize>,
+    /// Raw little-endian bytes, `4 · Π shape` of them.
+    data: Vec<u8>,
+}
+
+/// Largest `.npy` entry read (the real decoder's biggest array is 0.6 MB).
+const MAX_ARRAY_BYTES: u64 = 1 << 30;
+
+/// Reads the named arrays (without `.npy`) from an `.npz` file. Errors name the file and the
+/// array: not a zip archive, a missing array, a dtype other than little-endian float32,
+/// Fortran order, a bad or truncated header or body.
+fn read_npz(path: &Path, wanted: &[&str]) -> Result<BTreeMap<String, NpyArray>> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::Io(format!("{}: cannot open: {e}", path.display())))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
+        Error::Model(format!(
+            "{} is not an .npz file (not a readable zip archive: {e})",
+            path.display()
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for &name in wanted {
+        let bad = |why: String| Error::Model(format!("{}: array {name}: {why}", path.display()));
+        let mut entry = match zip.by_name(&format!("{name}.npy")) {
+            Ok(e) => e,
+            Err(zip::result::ZipError::FileNotFound) => {
+                return Err(Error::Model(format!(
+                    "{}: array {name} is missing (is this big_vision's vae-oid.npz?)",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(bad(format!("cannot read: {e}"))),
+        };
+        if entry.size() > MAX_ARRAY_BYTES {
+            return Err(bad(format!("{} bytes is too large", entry.size())));
+        }
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("cannot read: {e}")))?;
+        out.insert(name.to_string(), parse_npy(&bytes).map_err(bad)?);
+    }
+    Ok(out)
+}
+
+/// Parses a `.npy` file (format versions 1–3) holding `<f4` data in C order.
+fn parse_npy(b: &[u8]) -> std::result::Result<NpyArray, String> {
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
+        return Err("not a .npy array (bad magic)".into());
+    }
+    let (header_len, start) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    let header = b
+        .get(start..start + header_len)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or("truncated or non-text .npy header")?;
+    let descr = header_value(header, "descr").ok_or("no 'descr' in the .npy header")?;
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
+    if descr != "<f4" {
+        return Err(format!(
+            "dtype '{descr}' is not supported: only little-endian float32 ('<f4')"
+        ));
+    }
+    match header_value(header, "fortran_order") {
+        Some("False") => {}
+        Some("True") => return Err("Fortran-order arrays are not supported (C order only)".into()),
+        _ => return Err("no valid 'fortran_order' in the .npy header".into()),
+    }
+    let shape_s = header_value(header, "shape").ok_or("no 'shape' in the .npy header")?;
+    let shape = shape_s
+        .trim_start_matches('(')
+        .trim_end_matches(')')
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| format!("bad shape {shape_s} in the .npy header"))?;
+    let n = shape
+        .iter()
+        .try_fold(4usize, |a, &d| a.checked_mul(d))
+        .ok_or("shape too large")?;
+    let data = &b[start + header_len..];
+    if data.len() != n {
+        return Err(format!(
+            "{} data bytes for shape {shape:?} (float32 needs {n}): truncated or corrupt",
+            data.len()
+        ));
+    }
+    Ok(NpyArray {
+        shape,
+        data: data.to_vec(),
+    })
+}
+
+/// The raw text of `key`'s value in a `.npy` header (a Python dict literal): a quoted string,
+/// `True`/`False`, or a parenthesised tuple.
+fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let i = header
+        .find(&format!("'{key}'"))
+        .or_else(|| header.find(&format!("\"{key}\"")))?;
+    let rest = header[i + key.len() + 2..].trim_start().strip_prefix(':')?;
+    let rest = rest.trim_start();
+    let end = match rest.chars().next()? {
+        '(' => rest.find(')')? + 1,
+        q @ ('\'' | '"') => rest[1..].find(q)? + 2,
+        _ => rest.find([',', '}']).unwrap_or(rest.len()),
+    };
+    Some(rest[..end].trim())
+}
+
+// ---------------------------------------------------------------------------
+// Conversion
+
+/// `path` with `.partial` appended to its file name.
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Removes the partial file unless disarmed (error or panic on the way).
+struct PartialGuard(PathBuf, bool);
+
+impl Drop for PartialGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = std::fs::remove_file(&self.0);
+        }
+        if let Ok(mut l) = pali_convert::PARTIAL_FILES.lock() {
+            l.retain(|p| p != &self.0);
+        }
+    }
+}
+
+/// Converts big_vision's `vae-oid.npz` (the VQ-VAE in PyTorch naming and layouts) into a
+/// mask decoder GGUF at `out` (architecture `paligemma-vae`, F32 tensors; the encoder's
+/// arrays are left out). Writes `out.partial`, fsyncs and renames it, so an error leaves no
+/// file at `out`; an existing `out` is replaced only with `force`. The codebook width D is
+/// read from the file. Returns the number of tensors written.
+///
+/// Errors name the file and the array: not an `.npz`, a missing array, an unsupported dtype
+/// (only little-endian float32, C order), a wrong shape.
+pub fn convert_vae(npz: &Path, out: &Path, force: bool) -> Result<usize> {
+    if out.is_dir() || out.file_name().is_none() {
+        return Err(Error::Io(format!("{}: not a file path", out.display())));
+    }
+    if out.exists() && !force {
+        return Err(Error::Io(format!(
+            "{} exists: pass --force to overwrite it",
+            out.display()
+        )));
+    }
+    let cb = read_npz(npz, &[names::NPZ_CODEBOOK])?;
+    let d = match cb[names::NPZ_CODEBOOK].shape.as_slice() {
+        &[n, d] if n == names::NUM_CODES && d > 0 => d,
+        s => {
+            return Err(Error::Model(format!(
+                "{}: array {} has shape {s:?}, expected [{}, D]",
+                npz.display(),
+                names::NPZ_CODEBOOK,
+                names::NUM_CODES
+            )))
+        }
+    };
+    let specs = names::tensors(d);
+    let wanted: Vec<&str> = specs.iter().map(|(n, _, _)| n.as_str()).collect();
+    let arrays = read_npz(npz, &wanted)?;
+    for (npz_name, _, shape) in &specs {
+        let got = &arrays[npz_name].shape;
+        if got != shape {
+            return Err(Error::Model(format!(
+                "{}: array {npz_name} has shape {got:?}, expected {shape:?} (codebook width D = {d})",
+                npz.display()
+            )));
+        }
+    }
+
+    let mut w = GgufWriter::new(specs.len());
+    let name = npz
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vae".into());
+    for (k, v) in [
+        (keys::ARCHITECTURE, Value::Str(names::ARCH.into())),
+        (keys::NAME, Value::Str(name)),
+        (names::CODEBOOK_SIZE, Value::U32(names::NUM_CODES as u32)),
+        (names::CODEBOOK_DIM, Value::U32(d as u32)),
+        (names::MAP_SIZE, Value::U32(names::MAP as u32)),
+        (keys::FILE_TYPE, Value::U32(0)), // LLAMA_FTYPE_ALL_F32
+    ] {
+        w.set(k, v)?;
+    }
+    for (_, gguf, shape) in &specs {
+        let ne: Vec<i64> = shape.iter().rev().map(|&s| s as i64).collect();
+        w.add_tensor(gguf, GgmlType::F32, &ne)?;
+    }
+
+    let tmp = partial_path(out);
+    if let Ok(mut l) = pali_convert::PARTIAL_FILES.lock() {
+        l.push(tmp.clone());
+    }
+    let mut guard = PartialGuard(tmp.clone(), false);
+    let io = |e: std::io::Error| Error::Io(format!("{}: cannot write: {e}", tmp.display()));
+    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let mut bw = std::io::BufWriter::new(file);
+    w.write(&mut bw, |i, _, dst| {
+        dst.write_all(&arrays[&specs[i].0].data)
+            .map_err(|e| pali_ggml::Error::Io(format!("{}: {e}", tmp.display())))
+    })?;
+    let file = bw.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, out)
+        .map_err(|e| Error::Io(format!("{}: cannot write: {e}", out.display())))?;
+    guard.1 = true;
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(specs.len())
+}
+
+// ---------------------------------------------------------------------------
+// The decoder graph
+
+/// The VQ-VAE mask decoder, loaded from a `pali convert-vae` GGUF, running on ggml's CPU
+/// backend (it is small: ≈ 40 MFLOP and 4 MB of weights per map).
+pub struct MaskDecoder {
+    // Field order: the weights' buffer is freed before the backend.
+    weights: Weights,
+    backend: Backend,
+    dim: usize,
+}
+
+impl MaskDecoder {
+    /// Loads and checks a mask decoder file (`pali convert-vae`); `threads` for the CPU.
+    pub fn load(path: &Path, threads: i32) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::Io(format!(
+                "--vae {}: file not found",
+                path.display()
+            )));
+        }
+        let file = GgufFile::open(path)?;
+        let arch = file.get_str(keys::ARCHITECTURE).unwrap_or_default();
+        if arch != names::ARCH {
+            return Err(Error::Model(format!(
+                "{} is not a mask decoder file (architecture {arch:?}, expected {:?}): make one with `pali convert-vae vae-oid.npz -o vae.gguf`",
+                path.display(),
+                names::ARCH
+            )));
+        }
+        let dim = file.get_u32(names::CODEBOOK_DIM)? as usize;
+        let table: BTreeMap<String, (GgmlType, Vec<i64>)> = file
+            .tensors()
+            .into_iter()
+            .map(|t| (t.name, (t.ty, t.ne)))
+            .collect();
+        for (_, gguf, shape) in names::tensors(dim) {
+            let want: Vec<i64> = shape.iter().rev().map(|&s| s as i64).collect();
+            match table.get(&gguf) {
+                None => {
+                    return Err(Error::Model(format!(
+                        "{}: tensor {gguf} is missing",
+                        path.display()
+                    )))
+                }
+                Some((ty, ne)) => {
+                    // GGUF trims trailing 1s of the shape.
+                    let mut full = ne.clone();
+                    full.resize(want.len(), 1);
+                    if *ty != GgmlType::F32 || full != want {
+                        return Err(Error::Model(format!(
+                            "{}: tensor {gguf} is {ty} {ne:?}, expected f32 {want:?}",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        drop(file);
+        let backend = Backend::new(false, threads)?;
+        let weights = Weights::load(path, &backend)?;
+        Ok(MaskDecoder {
+            weights,
+            backend,
+            dim,
+        })
+    }
+
+    /// Width D of the codebook.
+    pub fn codebook_dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The 64×64 map (row-major: `map[y · 64 + x]`) of 16 codes (a 4×4 grid, row-major, each
+    /// 0..=127), as big_vision's `reconstruct_masks`. Values are logits: the mask is `> 0`.
+    pub fn decode(&self, codes: &[u8; SEG_TOKENS]) -> Result<Vec<f32>> {
+        if let Some(c) = codes.iter().find(|&&c| usize::from(c) >= names::NUM_CODES) {
+            return Err(Error::Prompt(format!(
+                "mask code {c} is out of range (0..={})",
+                names::NUM_CODES - 1
+            )));
+        }
+        let g = Graph::new(&self.weights);
+        let idx = g.input_i32(&[SEG_TOKENS as i64], codes.map(i32::from).to_vec());
+        let d = self.dim as i64;
+        let width = names::WIDTH as i64;
+        // [D, 16]: one codebook row per grid cell, cells row-major (y · 4 + x).
+        let x = g.get_rows(g.weight(names::CODEBOOK)?, idx);
+        // 1×1 conv over channel-minor rows: [16, 128] = [4, 4, 128] in ggml's [w, h, c].
+        let w_in = g.reshape(g.weight(names::IN_W)?, &[d, width]);
+        let x = g.reshape(g.mul_mat(x, w_in), &[4, 4, width]);
+        let mut x = g.relu(add_bias(&g, x, names::IN_B)?);
+        for r in 0..2 {
+            let y = g.relu(conv2d(&g, x, &names::res_conv(r, 0, "weight"), 1)?);
+            let y = g.relu(conv2d(&g, y, &names::res_conv(r, 1, "weight"), 1)?);
+            let y = conv2d(&g, y, &names::res_conv(r, 2, "weight"), 0)?;
+            x = g.add(y, x);
+        }
+        for i in 0..names::UP_CHANNELS.len() {
+            // PyTorch ConvTranspose2d(k=4, s=2, p=1) = the unpadded one (2n + 2) minus a
+            // 1-pixel border.
+            let n = x.ne()[0];
+            let y = g.conv_transpose_2d_p0(g.weight(&names::up(i, "weight"))?, x, 2);
+            let y = g.cont(g.crop_2d(y, 1, 1, 2 * n, 2 * n));
+            x = g.relu(add_bias(&g, y, &names::up(i, "bias"))?);
+        }
+        let out = conv2d(&g, x, names::OUT_W, 0)?;
+        let map = g.compute(out, &self.backend)?;
+        debug_assert_eq!(map.len(), MAP_SIZE * MAP_SIZE);
+        Ok(map)
+    }
+
+    /// The binary mask of a parsed object in the original image (`width` × `height`): its
+    /// codes decoded and placed into its box ([`mask_box`], [`place_mask`]).
+    pub fn mask(&self, object: &SegmentObject, width: u32, height: u32) -> Result<Mask> {
+        let map = self.decode(&object.codes)?;
+        Ok(place_mask(
+            &map,
+            mask_box(object.bbox.loc, width, height),
+            width,
+            height,
+        ))
+    }
+}
+
+/// `x + bias` with a `[c]` bias broadcast over `[w, h, c]`.
+fn add_bias<'g>(g: &'g Graph<'_>, x: Tensor<'g>, bias: &str) -> Result<Tensor<'g>> {
+    let b = g.weight(bias)?;
+    let c = b.ne()[0];
+    Ok(g.add(x, g.reshape(b, &[1, 1, c])))
+}
+
+/// Same-size convolution (stride 1, zero padding `pad`) of `x` `[w, h, c_in]` with the
+/// kernel `weight` (its `.bias` added): im2col in F32, then one F32 matmul.
+fn conv2d<'g>(g: &'g Graph<'_>, x: Tensor<'g>, weight: &str, pad: i32) -> Result<Tensor<'g>> {
+    let k = g.weight(weight)?;
+    let [kw, kh, cin, cout] = k.ne();
+    let [w, h, _, _] = x.ne();
+    let cols = g.im2col(k, x, pad);
+    let (ow, oh) = (cols.ne()[1], cols.ne()[2]);
+    debug_assert_eq!(
+        (ow, oh),
+        (
+            w + 2 * i64::from(pad) - kw + 1,
+            h + 2 * i64::from(pad) - kh + 1
+        )
+    );
+    let cols = g.reshape(cols, &[kw * kh * cin, ow * oh]);
+    let y = g.mul_mat(cols, g.reshape(k, &[kw * kh * cin, cout]));
+    let y = g.reshape(y, &[ow, oh, cout]);
+    add_bias(g, y, &weight.replace(".weight", ".bias"))
+}
+
+// ---------------------------------------------------------------------------
+// Placement
+
+/// A binary mask over an image, row-major (`data[y · width + x]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mask {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `true` inside the mask.
+    pub data: Vec<bool>,
+}
+
+impl Mask {
+    /// An empty (all outside) mask.
+    pub fn empty(width: u32, height: u32) -> Self {
+        Mask {
+            width,
+            height,
+            data: vec![false; width as usize * height as usize],
+        }
+    }
+
+    /// Whether pixel (x, y) is inside.
+    pub fn get(&self, x: u32, y: u32) -> bool {
+        self.data[y as usize * self.width as usize + x as usize]
+    }
+
+    /// Pixels inside.
+    pub fn area(&self) -> u64 {
+        self.data.iter().filter(|&&v| v).count() as u64
+    }
+
+    /// COCO's uncompressed RLE `counts`: run lengths over the pixels in **column-major**
+    /// order (down the first column, then the next), alternating outside/inside and starting
+    /// with an outside run (0 if the first pixel is inside). Exactly what
+    /// `pycocotools.mask.frPyObjects({"size": [height, width], "counts": counts}, …)` reads.
+    pub fn rle(&self) -> Vec<u32> {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let mut counts = Vec::new();
+        let (mut cur, mut run) = (false, 0u32);
+        for x in 0..w {
+            for y in 0..h {
+                let v = self.data[y * w + x];
+                if v != cur {
+                    counts.push(run);
+                    cur = v;
+                    run = 0;
+                }
+                run += 1;
+            }
+        }
+        counts.push(run);
+        counts
+    }
+
+    /// The mask of COCO uncompressed RLE `counts` (see [`Mask::rle`]); `None` if the counts
+    /// do not add up to `width · height`.
+    pub fn from_rle(width: u32, height: u32, counts: &[u32]) -> Option<Self> {
+        let (w, h) = (width as usize, height as usize);
+        let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+        if total != (w * h) as u64 {
+            return None;
+        }
+        let mut m = Mask::empty(width, height);
+        let mut i = 0usize;
+        for (k, &c) in counts.iter().enumerate() {
+            for j in i..i + c as usize {
+                if k % 2 == 1 {
+                    let (x, y) = (j / h, j % h);
+                    m.data[y * w + x] = true;
+                }
+            }
+            i += c as usize;
+        }
+        Some(m)
+    }
+}
+
+/// The mask box in whole pixels, `[x1, y1, x2, y2]`, from `<loc>` bins `[y1, x1, y2, x2]`, as
+/// big_vision's evaluator computes it: `int(bin / 1023 · size)` per edge, i.e. truncated
+/// (not rounded). It can be empty (x2 == x1 or y2 == y1) for a box under a pixel wide.
+pub fn mask_box(loc: [u16; 4], width: u32, height: u32) -> [u32; 4] {
+    let px = |bin: u16, size: u32| (f64::from(bin) / 1023.0 * f64::from(size)) as u32;
+    [
+        px(loc[1], width),
+        px(loc[0], height),
+        px(loc[3], width),
+        px(loc[2], height),
+    ]
+}
+
+/// The binary mask in an image of `width` × `height`: the 64×64 `map` (row-major) resized to
+/// the box `[x1, y1, x2, y2]` (whole pixels, see [`mask_box`]) with PIL's BILINEAR filter on a
+/// float image ([`resize_bilinear_f32`]), thresholded at `> 0.0` and pasted into an empty
+/// mask, like big_vision's evaluator. An empty box gives an empty mask; a box reaching past
+/// the image is resized whole and clipped.
+///
+/// # Panics
+/// If `map` does not hold 64 × 64 values.
+pub fn place_mask(map: &[f32], bbox: [u32; 4], width: u32, height: u32) -> Mask {
+    assert_eq!(map.len(), MAP_SIZE * MAP_SIZE, "the map must be 64x64");
+    let mut m = Mask::empty(width, height);
+    let [x1, y1, x2, y2] = bbox;
+    if x2 <= x1 || y2 <= y1 {
+        return m;
+    }
+    let (bw, bh) = (x2 - x1, y2 - y1);
+    let r = resize_bilinear_f32(map, MAP_SIZE as u32, MAP_SIZE as u32, bw, bh);
+    for y in 0..bh.min(height.saturating_sub(y1)) {
+        for x in 0..bw.min(width.saturating_sub(x1)) {
+            if r[(y * bw + x) as usize] > 0.0 {
+                m.data[((y1 + y) * width + x1 + x) as usize] = true;
+            }
+        }
+    }
+    m
+}
+
+/// Pillow's `precompute_coeffs` for a bilinear (triangle, support 1) filter over the whole
+/// input: per output pixel the first input index and its normalised `f64` weights (widened
+/// support when shrinking, i.e. antialiased, as Pillow does).
+fn bilinear_coeffs(in_size: u32, out_size: u32) -> Vec<(usize, Vec<f64>)> {
+    // Pillow's box is `float[4]`: (double)(in1 - in0) / outSize.
+    let scale = f64::from(in_size as f32) / f64::from(out_size);
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // bilinear support 1.0 · filterscale
+    let ss = 1.0 / filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (f64::from(xx) + 0.5) * scale;
+            // C `(int)` truncates toward zero, like `as i64`.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(i64::from(in_size));
+            let mut k: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) * ss).abs();
+                    if t < 1.0 {
+                        1.0 - t
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut ww = 0.0f64;
+            for &w in &k {
+                ww += w;
+            }
+            if ww != 0.0 {
+                k.iter_mut().for_each(|w| *w /= ww);
+            }
+            (xmin as usize, k)
+        })
+        .collect()
+}
+
+/// One 1-D pass of Pillow's 32-bit float resampling along rows (`horizontal`) or columns:
+/// `f64` sums of `f32` pixels times `f64` weights, stored as `f32`.
+fn resample_pass(src: &[f32], w: usize, h: usize, out: u32, horizontal: bool) -> Vec<f32> {
+    let (in_len, lines) = if horizontal { (w, h) } else { (h, w) };
+    let coeffs = bilinear_coeffs(in_len as u32, out);
+    let out = out as usize;
+    let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
+    let mut dst = vec![0f32; ow * oh];
+    for line in 0..lines {
+        for (o, (xmin, k)) in coeffs.iter().enumerate() {
+            let mut ss = 0.0f64;
+            for (t, &kw) in k.iter().enumerate() {
+                let i = xmin + t;
+                let v = if horizontal {
+                    src[line * w + i]
+                } else {
+                    src[i * w + line]
+                };
+                ss += f64::from(v) * kw;
+            }
+            let at = if horizontal {
+                line * ow + o
+            } else {
+                o * ow + line
+            };
+            dst[at] = ss as f32;
+        }
+    }
+    dst
+}
+
+/// Resizes a float image like PIL's `Image.fromarray(a)` (mode `"F"`)
+/// `.resize((out_w, out_h), Image.BILINEAR)`: Pillow's two separable passes in `f64` with an
+/// `f32` intermediate, each skipped when its side is unchanged, the vertical pass first when
+/// the height shrinks by more than twice as many pixels as the width (Pillow ≥ 13), so the
+/// result is bit-identical. `src` is row-major `in_w × in_h`; so is the result.
+///
+/// # Panics
+/// If a size is zero or `src` does not hold `in_w · in_h` values.
+pub fn resize_bilinear_f32(src: &[f32], in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> Vec<f32> {
+    assert!(
+        in_w > 0 && in_h > 0 && out_w > 0 && out_h > 0,
+        "empty resize"
+    );
+    assert_eq!(src.len(), in_w as usize * in_h as usize, "source size");
+    let (w, h) = (in_w as usize, in_h as usize);
+    let need_h = out_w != in_w;
+    let need_v = out_h != in_h;
+    match (need_h, need_v) {
+        (false, false) => src.to_vec(),
+        (true, false) => resample_pass(src, w, h, out_w, true),
+        (false, true) => resample_pass(src, w, h, out_h, false),
+        (true, true) => {
+            let vertical_first =
+                out_h < in_h && i64::from(in_h - out_h) > 2 * (i64::from(in_w) - i64::from(out_w));
+            if vertical_first {
+                let t = resample_pass(src, w, h, out_h, false);
+                resample_pass(&t, w, out_h as usize, out_w, true)
+            } else {
+                let t = resample_pass(src, w, h, out_w, true);
+                resample_pass(&t, out_w as usize, h, out_h, false)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(descr: &str, fortran: bool, shape: &str, data: &[f32]) -> Vec<u8> {
+        let mut header = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((header.len() as u16).to_le_bytes());
+        b.extend(header.as_bytes());
+        b.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+        b
+    }
+
+    #[test]
+    fn npy_headers_parse_and_bad_ones_are_named() {
+        let a = parse_npy(&npy("<f4", false, "(2, 3)", &[0.0; 6])).unwrap();
+        assert_eq!(a.shape, [2, 3]);
+        assert_eq!(a.data.len(), 24);
+        assert_eq!(
+            parse_npy(&npy("<f4", false, "(5,)", &[1.0; 5]))
+                .unwrap()
+                .shape,
+            [5]
+        );
+        assert_eq!(
+            parse_npy(&npy("<f4", false, "()", &[1.0])).unwrap().shape,
+            Vec::<usize>::new()
+        );
+        let err = |b: Vec<u8>| parse_npy(&b).err().unwrap();
+        assert!(err(npy("<f8", false, "(3,)", &[0.0; 6])).contains("'<f8'"));
+        assert!(err(npy(">f4", false, "(3,)", &[0.0; 3])).contains("little-endian"));
+        assert!(err(npy("<f4", true, "(3,)", &[0.0; 3])).contains("Fortran"));
+        assert!(err(npy("<f4", false, "(4,)", &[0.0; 3])).contains("truncated"));
+        assert!(err(npy("<f4", false, "(x,)", &[0.0; 3])).contains("bad shape"));
+        assert!(err(b"PK\x03\x04 not npy".to_vec()).contains("magic"));
+        let mut v9 = npy("<f4", false, "(1,)", &[0.0]);
+        v9[6] = 9;
+        assert!(err(v9).contains("version 9"));
+        assert!(err(b"\x93NUMPY\x01\x00\xff\x00{'desc".to_vec()).contains("truncated"));
+    }
+
+    #[test]
+    fn rle_is_coco_column_major_and_round_trips() {
+        // 3 wide × 2 high:  . # #
+        //                   . . #
+        let m = Mask {
+            width: 3,
+            height: 2,
+            data: vec![false, true, true, false, false, true],
+        };
+        // Column-major: (0,0)=0 (0,1)=0 | (1,0)=1 (1,1)=0 | (2,0)=1 (2,1)=1
+        assert_eq!(m.rle(), [2, 1, 1, 2]);
+        assert_eq!(Mask::from_rle(3, 2, &m.rle()), Some(m.clone()));
+        assert_eq!(m.area(), 3);
+        let full = Mask {
+            width: 2,
+            height: 2,
+            data: vec![true; 4],
+        };
+        assert_eq!(full.rle(), [0, 4]);
+        assert_eq!(Mask::empty(2, 3).rle(), [6]);
+        assert_eq!(Mask::from_rle(2, 2, &[1, 1]), None);
+    }
+
+    #[test]
+    fn mask_box_truncates_like_int() {
+        // 97 × 61: x 200/1023·97 = 18.96 → 18, y 100/1023·61 = 5.96 → 5.
+        assert_eq!(mask_box([100, 200, 900, 700], 97, 61), [18, 5, 66, 53]);
+        assert_eq!(mask_box([0, 0, 1023, 1023], 97, 61), [0, 0, 97, 61]);
+        // Under one pixel wide: empty.
+        let [x1, _, x2, _] = mask_box([500, 500, 505, 505], 97, 61);
+        assert_eq!(x1, x2);
+    }
+
+    #[test]
+    fn resize_keeps_constants_and_identity() {
+        let src: Vec<f32> = (0..64 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+        assert_eq!(resize_bilinear_f32(&src, 64, 64, 64, 64), src);
+        let flat = vec![0.25f32; 64 * 64];
+        for (w, h) in [(97, 61), (3, 200), (1, 1), (64, 5)] {
+            let r = resize_bilinear_f32(&flat, 64, 64, w, h);
+            assert_eq!(r.len(), (w * h) as usize);
+            assert!(r.iter().all(|&v| (v - 0.25).abs() < 1e-7), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn placement_clips_and_handles_empty_boxes() {
+        let map = vec![1.0f32; 64 * 64];
+        let m = place_mask(&map, [2, 1, 5, 3], 6, 4);
+        assert_eq!(m.area(), 6);
+        assert!(m.get(2, 1) && m.get(4, 2) && !m.get(5, 2) && !m.get(1, 1) && !m.get(2, 3));
+        assert_eq!(place_mask(&map, [3, 1, 3, 3], 6, 4).area(), 0);
+        // Past the image: clipped.
+        assert_eq!(place_mask(&map, [4, 2, 9, 9], 6, 4).area(), 4);
+    }
+}
