@@ -287,16 +287,11 @@ impl<'w> Graph<'w> {
             data.len(),
             "input size"
         );
-        // SAFETY: valid context; the tensor is allocated by the graph allocator later.
-        let raw = unsafe {
-            let t =
-                sys::ggml_new_tensor(self.ctx, sys::GGML_TYPE_F32, ne.len() as i32, ne.as_ptr());
-            sys::ggml_set_input(t);
-            t
-        };
-        let bytes = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        self.inputs.borrow_mut().push((raw, bytes));
-        self.wrap(raw)
+        self.input_bytes(
+            ne,
+            sys::GGML_TYPE_F32,
+            data.iter().flat_map(|v| v.to_ne_bytes()).collect(),
+        )
     }
 
     /// An I32 input tensor of shape `ne` filled with `data` when the graph runs (row indices
@@ -307,14 +302,20 @@ impl<'w> Graph<'w> {
             data.len(),
             "input size"
         );
+        self.input_bytes(
+            ne,
+            sys::GGML_TYPE_I32,
+            data.iter().flat_map(|v| v.to_ne_bytes()).collect(),
+        )
+    }
+
+    fn input_bytes(&self, ne: &[i64], ty: sys::ggml_type, bytes: Vec<u8>) -> Tensor<'_> {
         // SAFETY: valid context; the tensor is allocated by the graph allocator later.
         let raw = unsafe {
-            let t =
-                sys::ggml_new_tensor(self.ctx, sys::GGML_TYPE_I32, ne.len() as i32, ne.as_ptr());
+            let t = sys::ggml_new_tensor(self.ctx, ty, ne.len() as i32, ne.as_ptr());
             sys::ggml_set_input(t);
             t
         };
-        let bytes = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
         self.inputs.borrow_mut().push((raw, bytes));
         self.wrap(raw)
     }
