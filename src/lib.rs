@@ -278,18 +278,20 @@ impl Model {
         let t1 = Instant::now();
         let features = self.vision.encode(&pixels, VisionOutput::Projected)?;
         let vision_ms = ms(t1);
-        self.generate_from_features(&features, prompt, opts, on_text, preprocess_ms, vision_ms)
+        let mut g = self.generate_from_features(&features, prompt, opts, on_text)?;
+        g.timings.preprocess_ms = preprocess_ms;
+        g.timings.vision_ms = vision_ms;
+        Ok(g)
     }
 
-    /// Like [`Model::generate`], from already computed image features.
+    /// Like [`Model::generate`], from image features already computed with
+    /// [`Model::image_features`] (e.g. to ask several questions about one image).
     pub fn generate_from_features(
         &self,
         features: &[f32],
         prompt: &str,
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
-        preprocess_ms: f64,
-        vision_ms: f64,
     ) -> Result<Generation> {
         let prefix = self.decoder.prefix(features, prompt)?;
         let dopts = DecodeOptions {
@@ -303,8 +305,6 @@ impl Model {
             .generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
         let n_gen = g.tokens.len();
         let timings = Timings {
-            preprocess_ms,
-            vision_ms,
             prefill_ms: g.prefill_ms,
             decode_ms: g.decode_ms,
             n_prefix: prefix.len(),
@@ -314,6 +314,7 @@ impl Model {
             } else {
                 0.0
             },
+            ..Default::default()
         };
         Ok(Generation {
             text: g.text,
