@@ -145,8 +145,10 @@ pub struct GenerateOptions {
     pub max_ctx: usize,
     /// F32 KV cache (exactness checks).
     pub kv_f32: bool,
-    /// Flash attention in the decoder.
-    pub flash_attn: bool,
+    /// Flash attention in the decoder: `None` = on for prefixes over
+    /// [`session::FLASH_ATTN_AUTO_TOKENS`] tokens (the 896 px models, where the prefix's
+    /// attention matrix would take gigabytes), off otherwise (it is less exact on the CPU).
+    pub flash_attn: Option<bool>,
 }
 
 impl Default for GenerateOptions {
@@ -156,7 +158,7 @@ impl Default for GenerateOptions {
             sampling: Sampling::default(),
             max_ctx: 0,
             kv_f32: false,
-            flash_attn: false,
+            flash_attn: None,
         }
     }
 }

@@ -152,6 +152,23 @@ struct CaseResult {
 
 /// Runs every case of a fixture (image × prompt, greedy as long as HF's) at the given types.
 fn agreement(name: &str, text: FileType, vision: FileType, kv_f32: bool) -> Vec<CaseResult> {
+    agreement_with(
+        name,
+        text,
+        vision,
+        GenerateOptions {
+            kv_f32,
+            ..Default::default()
+        },
+    )
+}
+
+fn agreement_with(
+    name: &str,
+    text: FileType,
+    vision: FileType,
+    base: GenerateOptions,
+) -> Vec<CaseResult> {
     let r = Reference::load(name);
     let m = model(name, text, vision);
     let prompts: Vec<String> = r.json["prompts"]
@@ -172,8 +189,7 @@ fn agreement(name: &str, text: FileType, vision: FileType, kv_f32: bool) -> Vec<
             let image = load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
             let opts = GenerateOptions {
                 n_predict: want.len(),
-                kv_f32,
-                ..Default::default()
+                ..base.clone()
             };
             let g = m.generate(&image, &prompts[k], &opts, &mut |_| {}).unwrap();
             let hf = r.tensor(&format!("logits.{img}.{k}"));
@@ -337,11 +353,42 @@ fn reusing_image_features_matches_generate() {
     let m = model("tiny-224", FileType::F16, FileType::F16);
     let image = load_image(&image_path("tall"), pali::MAX_IMAGE_PIXELS).unwrap();
     let features = m.image_features(&image).unwrap();
-    let opts = GenerateOptions { n_predict: 6, ..Default::default() };
+    let opts = GenerateOptions {
+        n_predict: 6,
+        ..Default::default()
+    };
     for prompt in ["caption en", "answer en what is this?"] {
         let a = m.generate(&image, prompt, &opts, &mut |_| {}).unwrap();
-        let b = m.generate_from_features(&features, prompt, &opts, &mut |_| {}).unwrap();
+        let b = m
+            .generate_from_features(&features, prompt, &opts, &mut |_| {})
+            .unwrap();
         assert_eq!(a.tokens, b.tokens);
         assert_eq!(a.first_logits, b.first_logits);
+    }
+}
+
+/// Flash attention in the decoder (on by default for 896 px-sized prefixes, where the plain
+/// path's score matrices would need gigabytes) keeps HF parity.
+#[test]
+fn decoder_flash_attention_matches_hf() {
+    for name in FIXTURES {
+        let opts = GenerateOptions {
+            flash_attn: Some(true),
+            kv_f32: true,
+            ..Default::default()
+        };
+        for c in agreement_with(name, FileType::F32, FileType::F32, opts) {
+            println!(
+                "{name} {} {:?} flash attention: {:e}, {}/{}",
+                c.image, c.prompt, c.logit_diff, c.agreed, c.total
+            );
+            // ggml's CPU flash attention is less exact than its softmax path (measured up to 0.108).
+            assert!(
+                c.logit_diff < 3.0 * LOGIT_TOL,
+                "{name}: flash attention logits off by {}",
+                c.logit_diff
+            );
+            assert!(c.agreed == c.total || c.margin_at_divergence < 3.0 * LOGIT_TOL);
+        }
     }
 }
