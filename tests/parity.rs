@@ -22,6 +22,9 @@ fn model(name: &str, text: FileType, vision: FileType) -> Model {
 /// First-step logit tolerance (absolute; logits are soft-capped to ±30).
 const LOGIT_TOL: f32 = 5e-2;
 
+/// The same with flash attention in the decoder.
+const FA_LOGIT_TOL: f32 = 0.3;
+
 fn rel_diff(ours: &[f32], reference: &[f32]) -> f32 {
     let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
     max_abs_diff(ours, reference) / scale
@@ -382,13 +385,15 @@ fn decoder_flash_attention_matches_hf() {
                 "{name} {} {:?} flash attention: {:e}, {}/{}",
                 c.image, c.prompt, c.logit_diff, c.agreed, c.total
             );
-            // ggml's CPU flash attention is less exact than its softmax path (measured up to 0.108).
+            // ggml's CPU flash attention is less exact than its softmax path, and its thread chunking
+            // varies run to run: 0.04-0.16 measured on the chaotic tiny-swa-98. A wrong mask costs
+            // several units (see llama_cpp_window_differs_inside_the_prefix).
             assert!(
-                c.logit_diff < 3.0 * LOGIT_TOL,
+                c.logit_diff < FA_LOGIT_TOL,
                 "{name}: flash attention logits off by {}",
                 c.logit_diff
             );
-            assert!(c.agreed == c.total || c.margin_at_divergence < 3.0 * LOGIT_TOL);
+            assert!(c.agreed == c.total || c.margin_at_divergence < FA_LOGIT_TOL);
         }
     }
 }
