@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod draw;
+pub mod eval;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;

@@ -207,6 +207,13 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Score the model on a labelled JSON Lines set: exact match per task, detection IoU.
+    Eval {
+        /// The set: one `{"image", "prompt", "answer"}` object per line.
+        set: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
 }
 
 fn parse_type(s: &str, what: &str, allowed: &[FileType]) -> Result<FileType, String> {
@@ -725,6 +732,23 @@ fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Resul
     Ok(())
 }
 
+fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
+    let items = pali::eval::read_set(set).map_err(|e| e.to_string())?;
+    let (model, _) = load_model(args)?;
+    let report =
+        pali::eval::evaluate(&model, &items, &gen_options(args)).map_err(|e| e.to_string())?;
+    let obj = serde_json::json!({ "set": set.display().to_string(), "tasks": report });
+    println!(
+        "{}",
+        if args.json {
+            obj.to_string()
+        } else {
+            serde_json::to_string_pretty(&obj).expect("json")
+        }
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,llama.cpp=off"),
@@ -826,6 +850,7 @@ fn main() -> ExitCode {
             runs,
             model,
         } => run_bench(&image, &prompt, runs.max(1), &model).map(|_| true),
+        Command::Eval { set, model } => run_eval(&set, &model).map(|_| true),
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,
