@@ -194,6 +194,8 @@ fn cli_detect_and_segment_with_the_bundled_model() {
         &wide(),
         "cat ; dog",
         "--json",
+        "-t",
+        "1",
         "-n",
         "24",
         "--draw",
@@ -221,7 +223,7 @@ fn cli_detect_and_segment_with_the_bundled_model() {
     assert_eq!(v["image"]["width"], 61);
     assert_eq!(read_png(&drawn).dimensions(), (61, 37));
 
-    let out = pali(&["segment", &wide(), "cat", "--json", "-n", "24"]);
+    let out = pali(&["segment", &wide(), "cat", "--json", "-t", "1", "-n", "24"]);
     assert!(
         out.status.success(),
         "{}",
@@ -243,6 +245,8 @@ fn cli_detect_and_segment_with_the_bundled_model() {
         "detect",
         &wide(),
         "cat",
+        "-t",
+        "1",
         "-n",
         "1",
         "--draw",

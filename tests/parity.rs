@@ -12,7 +12,7 @@ fn model(name: &str, text: FileType, vision: FileType) -> Model {
     Model::load(
         &ModelPaths::new(c.decoder, c.mmproj),
         &LoadOptions {
-            threads: 2,
+            threads: 1,
             ..Default::default()
         },
     )
@@ -53,7 +53,7 @@ fn vision_tower_and_projector_match_hf() {
         let r = Reference::load(name);
         for vt in [FileType::F32, FileType::F16] {
             let c = converted(name, FileType::F32, vt);
-            let enc = VisionEncoder::load(&c.mmproj, false, 2).unwrap();
+            let enc = VisionEncoder::load(&c.mmproj, false, 1).unwrap();
             for img in r.images() {
                 let px = r.tensor(&format!("pixel_values.{img}"));
                 let tower = enc.encode(&px, VisionOutput::Tower).unwrap();
@@ -125,8 +125,8 @@ fn text_only_decoder_matches_hf() {
         let params = ContextParams {
             n_ctx: 256,
             n_batch: 64,
-            threads: 2,
-            threads_batch: 2,
+            threads: 1,
+            threads_batch: 1,
             flash_attn: false,
             kv_f32: true,
         };
@@ -288,7 +288,7 @@ fn llama_cpp_window_differs_inside_the_prefix() {
     let r = Reference::load(name);
     let c = converted(name, FileType::F32, FileType::F32);
     let lo = LoadOptions {
-        threads: 2,
+        threads: 1,
         sliding_window: pali::SlidingWindow::LlamaCpp,
         ..Default::default()
     };

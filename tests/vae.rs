@@ -73,7 +73,7 @@ fn vae_gguf() -> &'static Path {
 
 /// A decoder per test (it is not `Sync`: one ggml CPU backend computes one graph at a time).
 fn decoder() -> MaskDecoder {
-    MaskDecoder::load(vae_gguf(), 2).unwrap()
+    MaskDecoder::load(vae_gguf(), 1).unwrap()
 }
 
 /// (case, image w, h, loc) of each recorded placement.
@@ -455,6 +455,8 @@ fn cli_convert_vae_and_segment_with_masks() {
         "--vae",
         &gguf.display().to_string(),
         "--json",
+        "-t",
+        "1",
         "-n",
         "40",
         "--mask-out",
