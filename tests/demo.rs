@@ -3,28 +3,16 @@
 
 mod common;
 use common::*;
-use pali_convert::ConvertOptions;
 use pali_ggml::quant::FileType;
 
-/// Committed GGUFs equal a fresh conversion of the committed checkpoint, with the options of
-/// models/demo/README.md (`pali convert models/demo/hf -o models/demo --type f16 --name
-/// pali-demo`), so they can never go stale.
+/// Committed GGUFs equal a fresh conversion (so they can never go stale).
 #[test]
 fn bundled_gguf_equals_fresh_conversion() {
+    let fresh = converted("tiny-224", FileType::F16, FileType::F16);
     let demo = root().join("models/demo");
-    let opts = ConvertOptions {
-        input: demo.join("hf"),
-        out_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("demo-fresh"),
-        text_type: FileType::F16,
-        vision_type: FileType::F16,
-        force: true,
-        name: Some("pali-demo".to_string()),
-        threads: 2,
-    };
-    let fresh = pali_convert::convert(&opts, &mut |_, _, _| {}).unwrap();
     for (f, name) in [
-        (&fresh.decoder, "pali-demo-F16.gguf"),
-        (&fresh.mmproj, "mmproj-pali-demo-F16.gguf"),
+        (&fresh.decoder, "tiny-224-F16.gguf"),
+        (&fresh.mmproj, "mmproj-tiny-224-F16.gguf"),
     ] {
         let a = std::fs::read(f).unwrap();
         let b = std::fs::read(demo.join(name)).unwrap();
@@ -35,8 +23,6 @@ fn bundled_gguf_equals_fresh_conversion() {
     }
 }
 
-/// `pali caption` with no -m uses the bundled model and prints a caption; a missing image
-/// fails with exit code 1 and names the file.
 #[test]
 fn cli_captions_with_the_bundled_model() {
     let exe = env!("CARGO_BIN_EXE_pali");
