@@ -1,39 +1,58 @@
-//! The bundled model in models/demo is exactly what `pali convert` makes from its checkpoint,
-//! and the CLI captions with it.
+//! The bundled model in models/demo (the trained demo model, see models/demo/README.md) is
+//! exactly what `pali convert` makes from its checkpoint, and the CLI captions and detects
+//! with it.
 
 mod common;
 use common::*;
+use pali_convert::ConvertOptions;
 use pali_ggml::quant::FileType;
 
-/// Committed GGUFs equal a fresh conversion (so they can never go stale).
+/// Committed GGUFs equal a fresh conversion of the committed checkpoint `models/demo/hf`,
+/// with the options of models/demo/README.md (`pali convert models/demo/hf -o models/demo
+/// --type f16 --name pali-demo --force`), so they can never go stale.
 #[test]
 fn bundled_gguf_equals_fresh_conversion() {
-    let fresh = converted("tiny-224", FileType::F16, FileType::F16);
     let demo = root().join("models/demo");
+    let opts = ConvertOptions {
+        input: demo.join("hf"),
+        out_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("demo-fresh"),
+        text_type: FileType::F16,
+        vision_type: FileType::F16,
+        force: true,
+        name: Some("pali-demo".to_string()),
+        threads: 2,
+    };
+    let fresh = pali_convert::convert(&opts, &mut |_, _, _| {})
+        .unwrap_or_else(|e| panic!("converting models/demo/hf: {e}"));
     for (f, name) in [
-        (&fresh.decoder, "tiny-224-F16.gguf"),
-        (&fresh.mmproj, "mmproj-tiny-224-F16.gguf"),
+        (&fresh.decoder, "pali-demo-F16.gguf"),
+        (&fresh.mmproj, "mmproj-pali-demo-F16.gguf"),
     ] {
         let a = std::fs::read(f).unwrap();
         let b = std::fs::read(demo.join(name)).unwrap();
         assert!(
             a == b,
-            "models/demo/{name} differs from `pali convert` output: regenerate it (README)"
+            "models/demo/{name} differs from `pali convert` output: regenerate it (models/demo/README.md)"
         );
     }
 }
 
+fn example(name: &str) -> String {
+    path_str(&root().join("examples/images").join(name))
+}
+
+/// `pali caption` with no -m uses the bundled model and gives the right caption (the
+/// generator's truth; every step's top-1/top-2 logit margin is >= 2.5 in HF); a missing
+/// image fails with exit code 1 and names the file.
 #[test]
 fn cli_captions_with_the_bundled_model() {
     let exe = env!("CARGO_BIN_EXE_pali");
     let out = std::process::Command::new(exe)
         .args([
             "caption",
-            &path_str(&image_path("wide")),
+            &example("three_shapes_wide.png"),
             "-t",
             "1",
-            "-n",
-            "4",
             "--json",
         ])
         .current_dir(root())
@@ -45,8 +64,10 @@ fn cli_captions_with_the_bundled_model() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["tokens"].as_array().unwrap().len(), 4);
-    assert_eq!(v["timings"]["n_prefix"], 260);
+    assert_eq!(v["text"], "a red circle, a blue square and a green circle");
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 11);
+    // 64 image tokens + <bos> + "caption en" (2 tokens) + "\n"
+    assert_eq!(v["timings"]["n_prefix"], 68);
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 0.0);
 
     let out = std::process::Command::new(exe)
@@ -56,6 +77,46 @@ fn cli_captions_with_the_bundled_model() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cat.jpg"));
+}
+
+/// `detect` finds the one triangle: four loc tokens within 20 bins of the generator's box
+/// (`<loc0563><loc0435><loc0929><loc0793> triangle`) and the label. Neighbouring loc bins
+/// have close logits, so the test allows a few bins of numeric drift.
+#[test]
+fn cli_detects_with_the_bundled_model() {
+    let exe = env!("CARGO_BIN_EXE_pali");
+    let out = std::process::Command::new(exe)
+        .args([
+            "run",
+            "--image",
+            &example("one_shape.png"),
+            "-p",
+            "detect triangle",
+            "-t",
+            "1",
+            "--json",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = v["text"].as_str().unwrap();
+    let (locs, label) = text.split_at(text.find(' ').expect(text));
+    assert_eq!(label, " triangle", "{text}");
+    let bins: Vec<i32> = locs
+        .split("<loc")
+        .skip(1)
+        .map(|p| p.trim_end_matches('>').parse().expect(text))
+        .collect();
+    assert_eq!(bins.len(), 4, "{text}");
+    for (got, want) in bins.iter().zip([563, 435, 929, 793]) {
+        assert!((got - want).abs() <= 20, "{text}");
+    }
 }
 
 /// Several images: JSON Lines with paths, a bad image gets an error line and exit code 1.
