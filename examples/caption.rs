@@ -1,7 +1,7 @@
 //! Caption an image with the library API.
 //!
 //! `cargo run --release --example caption -- [IMAGE] [MODEL.gguf MMPROJ.gguf]`
-//! (defaults: a fixture image and the bundled model in models/demo).
+//! (defaults: an example scene and the bundled demo model in models/demo).
 
 use pali::preprocess::load_image;
 use pali::{GenerateOptions, LoadOptions, Model, ModelPaths, Task};
@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let image = args.first().cloned().unwrap_or_else(|| {
-        root.join("models/fixtures/images/wide.png")
+        root.join("examples/images/three_shapes_wide.png")
             .display()
             .to_string()
     });

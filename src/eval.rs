@@ -3,7 +3,8 @@
 //!
 //! A set is a JSON Lines file; each line is `{"image": "img.png", "prompt": "caption en",
 //! "answer": "a red circle"}` with `image` relative to the file's folder. The task is the
-//! prompt's first word (`caption`, `answer`, `detect`, …).
+//! prompt's first word (`caption`, `answer`, `detect`, …) unless the line names it with
+//! `"task": "…"` (to report, say, `detect colour shape` apart from `detect shape`).
 
 use crate::prompt::{parse_detections, DetectionBox};
 use crate::{Error, GenerateOptions, Model, Result};
@@ -19,6 +20,9 @@ pub struct EvalItem {
     pub prompt: String,
     /// Expected answer (for detection: the expected loc-token text).
     pub answer: String,
+    /// Name the metrics are reported under (default: the prompt's first word).
+    #[serde(default)]
+    pub task: Option<String>,
 }
 
 /// Reads a JSON Lines set, resolving image paths against its folder.
@@ -98,18 +102,14 @@ pub struct Scorer {
 impl Scorer {
     /// Records one prediction. Boxes are compared in a unit square (the model's frame).
     pub fn add(&mut self, item: &EvalItem, prediction: &str) {
-        let task = item
-            .prompt
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string();
-        let e = self.tasks.entry(task.clone()).or_default();
+        let first_word = item.prompt.split_whitespace().next().unwrap_or("");
+        let task = item.task.clone().unwrap_or_else(|| first_word.to_string());
+        let e = self.tasks.entry(task).or_default();
         e.0 += 1;
         if prediction.trim() == item.answer.trim() {
             e.1 += 1;
         }
-        if task == "detect" {
+        if first_word == "detect" {
             let want = parse_detections(&item.answer, 1, 1).objects;
             let got = parse_detections(prediction, 1, 1).objects;
             e.2.extend(match_boxes(&want, &got));
@@ -121,7 +121,7 @@ impl Scorer {
         self.tasks
             .iter()
             .map(|(task, (n, exact, ious))| {
-                let det = task == "detect" && !ious.is_empty();
+                let det = !ious.is_empty();
                 let m = TaskMetrics {
                     n: *n,
                     exact_match: *exact as f64 / (*n).max(1) as f64,
@@ -160,6 +160,7 @@ mod tests {
             image: PathBuf::new(),
             prompt: prompt.into(),
             answer: answer.into(),
+            task: None,
         }
     }
 

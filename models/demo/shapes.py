@@ -23,8 +23,9 @@ coordinates: x1 = first covered column, x2 = last covered column + 1. Targets:
 
 Usage as a script: ``python models/demo/shapes.py OUT_DIR [N] [--seed S]`` writes N PNGs,
 a ``targets.json`` with every target and ``set.jsonl``, a ``pali eval`` set (one line per
-image and task: ``caption en``, ``answer en how many shapes?`` and ``detect <shape>`` for a
-shape the image contains); ``python models/demo/shapes.py --examples`` rewrites the four
+image and task: ``caption en``, ``answer en how many shapes?``, ``detect <shape>`` for a
+shape the image contains, and, reported as their own tasks, ``detect <colour> <shape>`` for a
+present object and ``detect <shape> ; <other shape>``); ``python models/demo/shapes.py --examples`` rewrites the four
 images of ``examples/images/`` (see ``EXAMPLES``).
 """
 
@@ -268,6 +269,9 @@ def write_examples(out: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
     if argv[:1] == ["--examples"]:
         root = Path(__file__).resolve().parent.parent.parent
         print(json.dumps(write_examples(root / "examples" / "images"), indent=1))
@@ -291,6 +295,14 @@ def main(argv: list[str]) -> None:
         for prompt, answer in [(CAPTION_PROMPT, caption(sc)), (COUNT_PROMPT, count(sc)),
                                (detect_prompt(q), detect_target(sc, q))]:
             lines.append(json.dumps({"image": name, "prompt": prompt, "answer": answer}))
+        # The two harder query forms, reported apart: a colour + shape naming a present
+        # object, and two shapes (a present one first).
+        o = rng.choice(sc.objects)
+        q2 = [o.shape, rng.choice([s for s in SHAPES if s != o.shape])]
+        for task, q in [("detect colour shape", [f"{o.colour} {o.shape}"]),
+                        ("detect shape ; shape", q2)]:
+            lines.append(json.dumps({"image": name, "prompt": detect_prompt(q),
+                                     "answer": detect_target(sc, q), "task": task}))
         w, h = sc.size
         targets[name] = {
             "size": [w, h], "caption": caption(sc), "count": count(sc),

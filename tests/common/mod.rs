@@ -28,6 +28,17 @@ pub fn image_path(name: &str) -> PathBuf {
 
 /// Converts a fixture once per (fixture, decoder type, vision type) in this test binary.
 pub fn converted(name: &str, text: FileType, vision: FileType) -> ConvertOutput {
+    converted_from(&fixture_dir(name).join("hf"), name, text, vision)
+}
+
+/// Converts the HF checkpoint in `hf_dir` once per (name, decoder type, vision type) in this
+/// test binary.
+pub fn converted_from(
+    hf_dir: &Path,
+    name: &str,
+    text: FileType,
+    vision: FileType,
+) -> ConvertOutput {
     type Slot = Arc<OnceLock<ConvertOutput>>;
     static CACHE: OnceLock<Mutex<HashMap<String, Slot>>> = OnceLock::new();
     let key = format!("{name}-{}-{}", text.label(), vision.label());
@@ -42,7 +53,7 @@ pub fn converted(name: &str, text: FileType, vision: FileType) -> ConvertOutput 
             .join(bin)
             .join(&key);
         let opts = ConvertOptions {
-            input: fixture_dir(name).join("hf"),
+            input: hf_dir.to_path_buf(),
             out_dir: out,
             text_type: text,
             vision_type: vision,

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Quantization quality on the demo model (issue 5): converts models/demo/hf to every decoder
+# type x every vision type, runs `pali eval` on freshly generated held-out shape scenes, and
+# prints one JSON line per pair (the BENCHMARKS.md table is made from these).
+#   scripts/quant_eval.sh [N_IMAGES] [SEED]
+# Needs python3 with numpy + Pillow (for models/demo/shapes.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-300}
+SEED=${2:-7}
+WORK=${TMPDIR:-/tmp}/pali-quant-eval
+rm -rf "$WORK" && mkdir -p "$WORK/gguf"
+cargo build --release -q
+python3 models/demo/shapes.py "$WORK/set" "$N" --seed "$SEED" >/dev/null
+for T in f32 f16 q8_0 q4_k_m q4_0; do
+  ./target/release/pali convert models/demo/hf -o "$WORK/gguf" --type "$T" --vision-type f16 --name pali-demo --quiet --force >/dev/null
+done
+for V in f32 q8_0; do
+  ./target/release/pali convert models/demo/hf -o "$WORK/gguf" --type f16 --vision-type "$V" --name pali-demo --quiet --force >/dev/null
+done
+for T in F32 F16 Q8_0 Q4_K_M Q4_0; do
+  for V in F32 F16 Q8_0; do
+    echo -n "{\"decoder\":\"$T\",\"vision\":\"$V\",\"eval\":"
+    ./target/release/pali eval "$WORK/set/set.jsonl" -m "$WORK/gguf/pali-demo-$T.gguf" \
+      --mmproj "$WORK/gguf/mmproj-pali-demo-$V.gguf" --json | tr -d '\n'
+    echo "}"
+  done
+done
