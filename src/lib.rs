@@ -35,6 +35,7 @@ use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
 use session::{DecodeOptions, Decoder, DecoderOptions};
 use siglip::{VisionEncoder, VisionOutput};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Everything that can go wrong, with messages that name the file, key or input concerned.
@@ -92,6 +93,12 @@ pub struct LoadOptions {
     pub n_gpu_layers: i32,
     /// Sliding-window treatment.
     pub sliding_window: SlidingWindow,
+    /// Never hold the vision tower and the decoder in memory at once: each is loaded when
+    /// needed and dropped after use, and the decoder's weights are used in place from the
+    /// memory map (no repacked copies). Peak memory ≈ the decoder file instead of both files
+    /// plus copies, for a reload per image and a ~20 % slower prefill. `None`: on when the machine's RAM is less than twice
+    /// the two files plus 1 GiB (see [`LowMem::auto`]).
+    pub low_mem: Option<bool>,
 }
 
 impl Default for LoadOptions {
@@ -100,8 +107,33 @@ impl Default for LoadOptions {
             threads: default_threads(),
             n_gpu_layers: 0,
             sliding_window: SlidingWindow::Off,
+            low_mem: None,
         }
     }
+}
+
+/// Low-memory mode's automatic choice.
+pub struct LowMem;
+
+impl LowMem {
+    /// True when total RAM is below 2 × (decoder + mmproj file sizes) + 1 GiB, e.g. a 3B
+    /// Q4_K_M (2.5 GB of files) on a 4 GB Raspberry Pi, or a 10B on an 8 GB Jetson.
+    pub fn auto(paths: &ModelPaths) -> bool {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let files = size(&paths.decoder) + size(&paths.mmproj);
+        match total_ram_bytes() {
+            Some(ram) => ram < 2 * files + (1 << 30),
+            None => false,
+        }
+    }
+}
+
+/// Total RAM in bytes (Linux `MemTotal`), if known.
+pub fn total_ram_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Physical core count (hyper-threads do not help ggml's matmuls); logical CPUs where the
@@ -196,12 +228,45 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// One half of the model (vision tower or decoder): resident, or in low-memory mode loaded
+/// on demand and dropped after use.
+struct Part<T> {
+    slot: Mutex<Option<T>>,
+    load: Box<dyn Fn() -> Result<T> + Send + Sync>,
+}
+
+impl<T> Part<T> {
+    fn new(loaded: T, load: Box<dyn Fn() -> Result<T> + Send + Sync>) -> Self {
+        Part {
+            slot: Mutex::new(Some(loaded)),
+            load,
+        }
+    }
+
+    /// Runs `f` on the part, loading it first if it was dropped.
+    fn with<R>(&self, f: impl FnOnce(&T) -> Result<R>) -> Result<R> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((self.load)()?);
+        }
+        f(slot.as_ref().expect("loaded above"))
+    }
+
+    /// Drops the part (it is reloaded on next use).
+    fn release(&self) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
 /// A loaded PaliGemma 2 model: vision tower + decoder.
 pub struct Model {
-    vision: VisionEncoder,
-    decoder: Decoder,
+    vision: Part<VisionEncoder>,
+    decoder: Part<Decoder>,
     preprocess: PreprocessConfig,
     threads: i32,
+    hidden: usize,
+    vision_backend: String,
+    low_mem: bool,
 }
 
 impl Model {
@@ -212,14 +277,28 @@ impl Model {
                 return Err(Error::Io(format!("{flag} {}: file not found", p.display())));
             }
         }
-        let vision = VisionEncoder::load(&paths.mmproj, opts.n_gpu_layers > 0, opts.threads)?;
-        let decoder = Decoder::load(
-            &paths.decoder,
-            &DecoderOptions {
+        let low_mem = opts.low_mem.unwrap_or_else(|| {
+            let auto = LowMem::auto(paths);
+            if auto {
+                log::info!("low-memory mode: this machine's RAM is small for these files");
+            }
+            auto
+        });
+        let (mmproj, gpu, threads) = (paths.mmproj.clone(), opts.n_gpu_layers > 0, opts.threads);
+        let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads);
+        let (decoder_path, dopts) = (
+            paths.decoder.clone(),
+            DecoderOptions {
                 n_gpu_layers: opts.n_gpu_layers,
                 sliding_window: opts.sliding_window,
+                // llama.cpp's repacked copies are made while the whole file is mapped and
+                // populated: 2.5 GiB at the peak for a 3B Q4_K_M instead of 1.6.
+                skip_repack: low_mem,
             },
-        )?;
+        );
+        let load_decoder = move || Decoder::load(&decoder_path, &dopts);
+        let vision = load_vision()?;
+        let decoder = load_decoder()?;
         let vc = vision.config();
         if vc.projection_dim != decoder.hidden() {
             return Err(Error::Model(format!(
@@ -238,12 +317,57 @@ impl Model {
             resample: ResampleFilter::from_pil_code(vc.resample)?,
             max_pixels: MAX_IMAGE_PIXELS,
         };
-        Ok(Model {
-            vision,
-            decoder,
+        let (hidden, vision_backend) = (decoder.hidden(), vision.backend_name());
+        let model = Model {
+            vision: Part::new(vision, Box::new(load_vision)),
+            decoder: Part::new(decoder, Box::new(load_decoder)),
             preprocess,
             threads: opts.threads,
-        })
+            hidden,
+            vision_backend,
+            low_mem,
+        };
+        if low_mem {
+            // The first image needs the vision tower first.
+            model.decoder.release();
+        }
+        Ok(model)
+    }
+
+    /// Whether low-memory mode is on (see [`LoadOptions::low_mem`]).
+    pub fn low_mem(&self) -> bool {
+        self.low_mem
+    }
+
+    /// The decoder's hidden size (the width of image features).
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// The vision tower's ggml backend.
+    pub fn vision_backend(&self) -> &str {
+        &self.vision_backend
+    }
+
+    /// Runs `f` on the decoder (loaded first in low-memory mode).
+    pub fn with_decoder<R>(&self, f: impl FnOnce(&Decoder) -> Result<R>) -> Result<R> {
+        if self.low_mem {
+            self.vision.release();
+        }
+        self.decoder.with(f)
+    }
+
+    /// Runs `f` on the vision tower (loaded first in low-memory mode, after dropping the
+    /// decoder; dropped again afterwards).
+    pub fn with_vision<R>(&self, f: impl FnOnce(&VisionEncoder) -> Result<R>) -> Result<R> {
+        if self.low_mem {
+            self.decoder.release();
+        }
+        let r = self.vision.with(f);
+        if self.low_mem {
+            self.vision.release();
+        }
+        r
     }
 
     /// Preprocessing settings (from the mmproj file).
@@ -251,20 +375,10 @@ impl Model {
         &self.preprocess
     }
 
-    /// The vision tower.
-    pub fn vision(&self) -> &VisionEncoder {
-        &self.vision
-    }
-
-    /// The decoder.
-    pub fn decoder(&self) -> &Decoder {
-        &self.decoder
-    }
-
     /// Projected image features `[n_tokens][hidden]` for an image.
     pub fn image_features(&self, image: &RgbImage) -> Result<Vec<f32>> {
         let pixels = preprocess::preprocess(image, &self.preprocess);
-        self.vision.encode(&pixels, VisionOutput::Projected)
+        self.with_vision(|v| v.encode(&pixels, VisionOutput::Projected))
     }
 
     /// Runs `prompt` on `image`; `on_text` receives the output as it is generated.
@@ -279,7 +393,7 @@ impl Model {
         let pixels = preprocess::preprocess(image, &self.preprocess);
         let preprocess_ms = ms(t0);
         let t1 = Instant::now();
-        let features = self.vision.encode(&pixels, VisionOutput::Projected)?;
+        let features = self.with_vision(|v| v.encode(&pixels, VisionOutput::Projected))?;
         let vision_ms = ms(t1);
         let mut g = self.generate_from_features(&features, prompt, opts, on_text)?;
         g.timings.preprocess_ms = preprocess_ms;
@@ -296,16 +410,17 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let prefix = self.decoder.prefix(features, prompt)?;
-        let dopts = DecodeOptions {
-            threads: self.threads,
-            flash_attn: opts.flash_attn,
-            kv_f32: opts.kv_f32,
-            max_ctx: opts.max_ctx,
-        };
-        let g = self
-            .decoder
-            .generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
+        let (prefix, g) = self.with_decoder(|decoder| {
+            let prefix = decoder.prefix(features, prompt)?;
+            let dopts = DecodeOptions {
+                threads: self.threads,
+                flash_attn: opts.flash_attn,
+                kv_f32: opts.kv_f32,
+                max_ctx: opts.max_ctx,
+            };
+            let g = decoder.generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
+            Ok((prefix, g))
+        })?;
         let n_gen = g.tokens.len();
         let timings = Timings {
             prefill_ms: g.prefill_ms,

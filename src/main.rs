@@ -59,9 +59,21 @@ struct ModelArgs {
     /// Gemma 2 sliding window: off (full attention, as PaliGemma was trained) or llama.cpp's.
     #[arg(long = "sliding-window", value_enum, default_value_t = WindowArg::Off)]
     sliding_window: WindowArg,
+    /// Never hold the vision tower and the decoder in memory at once (each is loaded when
+    /// needed): peak memory ≈ the larger file instead of both, for a reload per image.
+    /// auto = on when RAM < 2 × the two files + 1 GiB.
+    #[arg(long = "low-mem", value_enum, default_value_t = LowMemArg::Auto)]
+    low_mem: LowMemArg,
     /// Print one JSON object per image instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LowMemArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -381,6 +393,11 @@ fn load_model(args: &ModelArgs) -> Result<(Model, f64), String> {
         sliding_window: match args.sliding_window {
             WindowArg::Off => SlidingWindow::Off,
             WindowArg::LlamaCpp => SlidingWindow::LlamaCpp,
+        },
+        low_mem: match args.low_mem {
+            LowMemArg::Auto => None,
+            LowMemArg::On => Some(true),
+            LowMemArg::Off => Some(false),
         },
     };
     let model = Model::load(&paths, &opts).map_err(|e| e.to_string())?;
@@ -722,7 +739,7 @@ fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Resul
         "median_preprocess_ms": pre, "median_vision_ms": vis, "median_prefill_ms": pf,
         "prefill_tok_s": n_prefix as f64 / (pf / 1e3), "median_decode_ms": dec, "median_decode_tok_s": tps,
         "median_ttft_ms": pre + vis + pf, "peak_rss_mb": pali::peak_rss_mb(),
-        "vision_backend": model.vision().backend_name(), "cpu_features": pali_ggml::cpu_features(),
+        "vision_backend": model.vision_backend(), "low_mem": model.low_mem(), "cpu_features": pali_ggml::cpu_features(),
     });
     if args.json {
         println!("{obj}");

@@ -27,6 +27,9 @@ pub struct DecoderOptions {
     pub n_gpu_layers: i32,
     /// Sliding-window treatment.
     pub sliding_window: SlidingWindow,
+    /// Keep the weights in the memory map only, without llama.cpp's repacked CPU copies
+    /// (low-memory mode).
+    pub skip_repack: bool,
 }
 
 /// Prefix length above which flash attention is used unless asked otherwise: without it the
@@ -224,6 +227,7 @@ impl Decoder {
         let embeddings = TokenEmbeddings::open(path, &f)?;
         let mut mp = ModelParams {
             n_gpu_layers: opts.n_gpu_layers,
+            skip_repack: opts.skip_repack,
             ..Default::default()
         };
         if opts.sliding_window == SlidingWindow::Off {

@@ -150,3 +150,46 @@ fn cli_batch_keeps_going_past_a_bad_image() {
         .unwrap()
         .contains("/nonexistent/x.png"));
 }
+
+/// Low-memory mode (vision tower and decoder loaded in turn, per image, decoder weights used
+/// in place) gives the same answers as the default, over several images and a detection.
+#[test]
+fn low_memory_mode_gives_the_same_answers() {
+    let run = |low_mem: &str, args: &[&str]| -> Vec<serde_json::Value> {
+        let exe = env!("CARGO_BIN_EXE_pali");
+        let out = std::process::Command::new(exe)
+            .args(args)
+            .args(["-t", "1", "--json", "--low-mem", low_mem])
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let images = [
+        example("three_shapes_wide.png"),
+        example("two_shapes_tall.png"),
+        example("one_shape.png"),
+    ];
+    let caption: Vec<&str> = ["caption"]
+        .into_iter()
+        .chain(images.iter().map(|s| s.as_str()))
+        .collect();
+    let detect = ["detect", &images[0], "circle"];
+    for args in [&caption[..], &detect[..]] {
+        let (on, off) = (run("on", args), run("off", args));
+        assert_eq!(on.len(), off.len());
+        assert!(!on.is_empty());
+        for (a, b) in on.iter().zip(&off) {
+            assert_eq!(a["text"], b["text"], "{args:?}");
+            assert!(a["text"].as_str().is_some_and(|t| !t.is_empty()), "{a}");
+        }
+    }
+}

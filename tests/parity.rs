@@ -321,7 +321,7 @@ fn prefix_ids_match_hf_processor() {
         let r = Reference::load(name);
         let m = model(name, FileType::F16, FileType::F16);
         let n_img = r.json["num_image_tokens"].as_u64().unwrap() as usize;
-        let hidden = m.decoder().hidden();
+        let hidden = m.hidden();
         let prompts: Vec<String> = r.json["prompts"]
             .as_array()
             .unwrap()
@@ -332,8 +332,7 @@ fn prefix_ids_match_hf_processor() {
             let want = ids(&case["input_ids"]);
             let k = case["prompt_index"].as_u64().unwrap() as usize;
             let prefix = m
-                .decoder()
-                .prefix(&vec![0.0; n_img * hidden], &prompts[k])
+                .with_decoder(|d| d.prefix(&vec![0.0; n_img * hidden], &prompts[k]))
                 .unwrap();
             assert_eq!(prefix.n_image, n_img);
             assert!(want[..n_img]

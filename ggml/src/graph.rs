@@ -542,6 +542,12 @@ impl<'w> Graph<'w> {
                     backend.name()
                 )));
             }
+            log::debug!(
+                "graph: {} nodes, compute buffer {:.1} MiB on {}",
+                sys::ggml_graph_n_nodes(self.gf),
+                sys::ggml_gallocr_get_buffer_size(self.galloc.get(), 0) as f64 / (1 << 20) as f64,
+                backend.name()
+            );
             for (t, data) in self.inputs.borrow().iter() {
                 sys::ggml_backend_tensor_set(*t, data.as_ptr() as *const _, 0, data.len());
             }
