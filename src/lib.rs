@@ -182,6 +182,8 @@ pub struct GenerateOptions {
     /// [`session::FLASH_ATTN_AUTO_TOKENS`] tokens (the 896 px models, where the prefix's
     /// attention matrix would take gigabytes), off otherwise (it is less exact on the CPU).
     pub flash_attn: Option<bool>,
+    /// Generate exactly `n_predict` tokens, past `<eos>` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -192,6 +194,7 @@ impl Default for GenerateOptions {
             max_ctx: 0,
             kv_f32: false,
             flash_attn: None,
+            ignore_eos: false,
         }
     }
 }
@@ -211,7 +214,9 @@ pub struct Timings {
     pub n_prefix: usize,
     /// Generated tokens.
     pub n_gen: usize,
-    #[allow(missing_docs)]
+    /// Decode speed: single-token decodes (one per generated token after the first, whose
+    /// logits come from the prefix) per second, sampling included; what llama-bench's `tg`
+    /// counts.
     pub decode_tok_s: f64,
 }
 
@@ -417,6 +422,7 @@ impl Model {
                 flash_attn: opts.flash_attn,
                 kv_f32: opts.kv_f32,
                 max_ctx: opts.max_ctx,
+                ignore_eos: opts.ignore_eos,
             };
             let g = decoder.generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
             Ok((prefix, g))
@@ -428,7 +434,7 @@ impl Model {
             n_prefix: prefix.len(),
             n_gen,
             decode_tok_s: if g.decode_ms > 0.0 {
-                n_gen as f64 / (g.decode_ms / 1e3)
+                g.decode_steps as f64 / (g.decode_ms / 1e3)
             } else {
                 0.0
             },

@@ -206,7 +206,7 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
-    /// Time preprocessing, vision, prefill and decode over several runs.
+    /// Time preprocessing, vision, prefill and decode over several runs (exactly -n tokens each, past <eos>, like llama-bench).
     Bench {
         /// The image.
         image: PathBuf,
@@ -715,7 +715,11 @@ fn median(v: &mut [f64]) -> f64 {
 fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Result<(), String> {
     let (model, load_ms) = load_model(args)?;
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
-    let opts = gen_options(args);
+    // Like llama-bench's tg: exactly -n tokens, whatever they are.
+    let opts = GenerateOptions {
+        ignore_eos: true,
+        ..gen_options(args)
+    };
     let mut rows: Vec<pali::Timings> = Vec::new();
     for i in 0..=runs {
         let g = model

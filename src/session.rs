@@ -49,6 +49,8 @@ pub struct DecodeOptions {
     pub kv_f32: bool,
     /// Largest context allowed (`-c`); 0 = prefix + n_predict.
     pub max_ctx: usize,
+    /// Do not stop at `<eos>` (benchmarks generate exactly `n_predict` tokens).
+    pub ignore_eos: bool,
 }
 
 /// Rows of the decoder's token embedding table, read straight from the mapped GGUF
@@ -158,8 +160,11 @@ pub struct Generated {
     pub first_logits: Vec<f32>,
     /// Prefix decode time.
     pub prefill_ms: f64,
-    /// Token-by-token decode time.
+    /// Token-by-token phase: sampling every token, and one llama.cpp decode per token
+    /// after the first (whose logits come from the prefix).
     pub decode_ms: f64,
+    /// Single-token llama.cpp decodes in `decode_ms`.
+    pub decode_steps: usize,
 }
 
 /// Token sampling settings.
@@ -357,7 +362,7 @@ impl Decoder {
                 out.first_logits = logits.to_vec();
             }
             let tok = sample(logits, sampling, &mut rng);
-            if self.stop.contains(&tok) {
+            if self.stop.contains(&tok) && !opts.ignore_eos {
                 break;
             }
             out.tokens.push(tok);
@@ -377,6 +382,7 @@ impl Decoder {
             out.text = text;
             if step + 1 < n_predict {
                 ctx.decode_token(tok as i32, (n + step) as i32)?;
+                out.decode_steps += 1;
             }
         }
         if out.text.len() > shown.len() && out.text.starts_with(shown.as_str()) {

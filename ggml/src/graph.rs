@@ -10,10 +10,15 @@ use std::path::Path;
 use std::ptr;
 
 /// A ggml compute backend (CPU, or the GPU of a `cuda`/`vulkan`/`metal` build).
+///
+/// Everything goes through ggml's device registry (no `ggml_backend_cpu_*` symbols), so the
+/// same code runs when the CPU backend is a module picked at run time (`dynamic-backends`).
 pub struct Backend {
     raw: sys::ggml_backend_t,
+    dev: sys::ggml_backend_dev_t,
     is_cpu: bool,
     threads: i32,
+    set_threads: sys::ggml_backend_set_n_threads_t,
 }
 
 // SAFETY: a backend handle is only used through &mut self or from one thread at a time.
@@ -39,25 +44,53 @@ impl Backend {
                     if !raw.is_null() {
                         return Ok(Backend {
                             raw,
+                            dev,
                             is_cpu: false,
                             threads,
+                            set_threads: None,
                         });
                     }
                 }
                 log::warn!("no GPU backend available; the vision tower runs on the CPU");
             }
-            let raw = sys::ggml_backend_cpu_init();
+            let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+            let raw = if dev.is_null() {
+                ptr::null_mut()
+            } else {
+                sys::ggml_backend_dev_init(dev, ptr::null())
+            };
             if raw.is_null() {
                 return Err(Error::Backend(
                     "ggml could not start its CPU backend".into(),
                 ));
             }
-            sys::ggml_backend_cpu_set_n_threads(raw, threads.max(1));
-            Ok(Backend {
+            let reg = sys::ggml_backend_dev_backend_reg(dev);
+            let f = sys::ggml_backend_reg_get_proc_address(
+                reg,
+                c"ggml_backend_set_n_threads".as_ptr(),
+            );
+            let set_threads: sys::ggml_backend_set_n_threads_t = if f.is_null() {
+                None
+            } else {
+                std::mem::transmute::<*mut std::ffi::c_void, sys::ggml_backend_set_n_threads_t>(f)
+            };
+            let b = Backend {
                 raw,
+                dev,
                 is_cpu: true,
                 threads,
-            })
+                set_threads,
+            };
+            b.apply_threads();
+            Ok(b)
+        }
+    }
+
+    /// Sets the CPU thread count on the backend (ggml keeps it per backend).
+    fn apply_threads(&self) {
+        if let Some(f) = self.set_threads {
+            // SAFETY: the CPU backend's own setter, called on its backend.
+            unsafe { f(self.raw, self.threads.max(1)) }
         }
     }
 
@@ -124,7 +157,7 @@ impl Weights {
             if backend.is_cpu {
                 let base = map.as_ptr().add(data) as *mut std::ffi::c_void;
                 let size = map.len() - data;
-                let buf = sys::ggml_backend_cpu_buffer_from_ptr(base, size);
+                let buf = sys::ggml_backend_dev_buffer_from_host_ptr(backend.dev, base, size, size);
                 if buf.is_null() {
                     return Err(Error::Backend(
                         "ggml could not wrap the mapped weights".into(),
@@ -551,9 +584,7 @@ impl<'w> Graph<'w> {
             for (t, data) in self.inputs.borrow().iter() {
                 sys::ggml_backend_tensor_set(*t, data.as_ptr() as *const _, 0, data.len());
             }
-            if backend.is_cpu {
-                sys::ggml_backend_cpu_set_n_threads(backend.raw, backend.threads.max(1));
-            }
+            backend.apply_threads();
             let st = sys::ggml_backend_graph_compute(backend.raw, self.gf);
             if st != sys::GGML_STATUS_SUCCESS {
                 return Err(Error::Backend(format!(

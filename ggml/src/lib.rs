@@ -99,34 +99,34 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-/// What SIMD the linked ggml CPU backend was compiled with (for the build check and logs).
-pub fn cpu_features() -> Vec<&'static str> {
+/// What SIMD the ggml CPU backend in use was compiled with (`AVX2`, `NEON`, `DOTPROD`, …),
+/// from the backend's own feature list, so it also names the variant a `dynamic-backends`
+/// build picked at run time.
+pub fn cpu_features() -> Vec<String> {
+    logging::init();
     let mut v = Vec::new();
-    // SAFETY: feature queries have no preconditions.
+    // SAFETY: registry lookups return NULL when absent (checked); the feature array is
+    // static in the CPU backend and ends with a NULL name.
     unsafe {
-        if sys::ggml_cpu_has_avx() != 0 {
-            v.push("AVX");
+        let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+        if dev.is_null() {
+            return v;
         }
-        if sys::ggml_cpu_has_avx2() != 0 {
-            v.push("AVX2");
+        let reg = sys::ggml_backend_dev_backend_reg(dev);
+        let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_get_features".as_ptr());
+        if f.is_null() {
+            return v;
         }
-        if sys::ggml_cpu_has_fma() != 0 {
-            v.push("FMA");
-        }
-        if sys::ggml_cpu_has_f16c() != 0 {
-            v.push("F16C");
-        }
-        if sys::ggml_cpu_has_avx512() != 0 {
-            v.push("AVX512");
-        }
-        if sys::ggml_cpu_has_neon() != 0 {
-            v.push("NEON");
-        }
-        if sys::ggml_cpu_has_dotprod() != 0 {
-            v.push("DOTPROD");
-        }
-        if sys::ggml_cpu_has_matmul_int8() != 0 {
-            v.push("I8MM");
+        let get: sys::ggml_backend_get_features_t = std::mem::transmute(f);
+        let mut p = get.expect("non-null")(reg);
+        while !p.is_null() && !(*p).name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*p).name).to_string_lossy();
+            let value = std::ffi::CStr::from_ptr((*p).value).to_string_lossy();
+            // Flags are "1"; skip the others (e.g. the OpenMP or repack settings' values).
+            if value == "1" && name != "REPACK" && name != "LLAMAFILE" {
+                v.push(name.into_owned());
+            }
+            p = p.add(1);
         }
     }
     v

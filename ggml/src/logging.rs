@@ -33,6 +33,10 @@ pub fn init() {
         unsafe {
             sys::llama_log_set(Some(forward), std::ptr::null_mut());
             sys::ggml_log_set(Some(forward), std::ptr::null_mut());
+            // A `dynamic-backends` build has no backend linked in: load the CPU variant that
+            // suits this machine (and any GPU module) from the executable's folder first.
+            #[cfg(feature = "dynamic-backends")]
+            sys::ggml_backend_load_all();
             sys::llama_backend_init();
         }
     });
