@@ -65,10 +65,8 @@ impl Backend {
                 ));
             }
             let reg = sys::ggml_backend_dev_backend_reg(dev);
-            let f = sys::ggml_backend_reg_get_proc_address(
-                reg,
-                c"ggml_backend_set_n_threads".as_ptr(),
-            );
+            let f =
+                sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_set_n_threads".as_ptr());
             let set_threads: sys::ggml_backend_set_n_threads_t = if f.is_null() {
                 None
             } else {
