@@ -158,6 +158,53 @@ pub struct LlamaContext<'m> {
     model: &'m LlamaModel,
     n_batch: u32,
     n_ctx: u32,
+    // Freed after the context (fields drop after `Drop::drop`).
+    _pool: Option<ThreadPool>,
+}
+
+/// A persistent pool of ggml CPU worker threads. Without one, ggml (built without OpenMP)
+/// starts and joins fresh threads at every graph compute, i.e. at every decoded token, and
+/// on a small VM a worker can take milliseconds to get scheduled. llama-bench attaches one
+/// too. Reached through the CPU backend's registry, so `dynamic-backends` builds have it.
+struct ThreadPool {
+    raw: sys::ggml_threadpool_t,
+    free: unsafe extern "C" fn(sys::ggml_threadpool_t),
+}
+
+impl ThreadPool {
+    fn new(threads: i32) -> Option<Self> {
+        type New = unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> sys::ggml_threadpool_t;
+        type Free = unsafe extern "C" fn(sys::ggml_threadpool_t);
+        // SAFETY: registry lookups return NULL when absent (checked); the looked-up
+        // functions have exactly these C signatures (ggml-cpu.h).
+        unsafe {
+            let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+            if dev.is_null() {
+                return None;
+            }
+            let reg = sys::ggml_backend_dev_backend_reg(dev);
+            let new = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr());
+            let free =
+                sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_free".as_ptr());
+            if new.is_null() || free.is_null() {
+                return None;
+            }
+            let (new, free) = (
+                std::mem::transmute::<*mut std::ffi::c_void, New>(new),
+                std::mem::transmute::<*mut std::ffi::c_void, Free>(free),
+            );
+            let mut params = sys::ggml_threadpool_params_default(threads.max(1));
+            let raw = new(&mut params);
+            (!raw.is_null()).then_some(ThreadPool { raw, free })
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // SAFETY: owned pool, freed once, after every context using it.
+        unsafe { (self.free)(self.raw) }
+    }
 }
 
 impl Drop for LlamaContext<'_> {
@@ -197,11 +244,20 @@ impl<'m> LlamaContext<'m> {
                 p.n_ctx
             )));
         }
+        // Prefill and decode use the same thread count here, so one pool serves both.
+        let pool = (p.threads == p.threads_batch)
+            .then(|| ThreadPool::new(p.threads))
+            .flatten();
+        if let Some(pool) = &pool {
+            // SAFETY: valid context and pool; the pool outlives the context (field order).
+            unsafe { sys::llama_attach_threadpool(raw, pool.raw, pool.raw) };
+        }
         Ok(LlamaContext {
             raw,
             model,
             n_batch: p.n_batch,
             n_ctx: p.n_ctx,
+            _pool: pool,
         })
     }
 
