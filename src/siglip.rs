@@ -252,15 +252,18 @@ fn linear<'g>(g: &'g Graph, x: Tensor<'g>, w: &str, b: &str) -> Result<Tensor<'g
     Ok(g.add(g.mul_mat(f32_weight(g, g.weight(w)?), x), g.weight(b)?))
 }
 
-/// ggml's CPU matmul converts the activations to the weight's "vec_dot" type (F16 for F16
-/// weights, Q8_0 for Q8_0), which costs ~3 decimal digits per layer. Widening the weight to
-/// F32 inside the graph keeps activations in F32; the widened copy lives only in the
-/// (reused) compute buffer, one matrix at a time.
+/// ggml's CPU matmul converts the activations to the weight's "vec_dot" type. For F16
+/// weights that is F16 activations (~3 decimal digits lost per layer) and buys no speed on
+/// the CPU (F16 and F32 matmuls run at the same rate), so F16/BF16 weights are widened to
+/// F32 inside the graph; the widened copy lives only in the (reused) compute buffer, one
+/// matrix at a time. Q8_0 weights are used as they are, with activations quantized to Q8_0
+/// per block of 32 like every matmul of llama.cpp's decoder: int8 dot products run 2.5x
+/// faster than the F32 matmul (BENCHMARKS.md, roofline), and choosing a Q8_0 vision tower
+/// means choosing speed (its cost in accuracy is measured in BENCHMARKS.md).
 pub(crate) fn f32_weight<'g>(g: &'g Graph, w: Tensor<'g>) -> Tensor<'g> {
-    if w.ty() == GgmlType::F32 {
-        w
-    } else {
-        g.cast(w, GgmlType::F32)
+    match w.ty() {
+        GgmlType::F32 | GgmlType::Q8_0 => w,
+        _ => g.cast(w, GgmlType::F32),
     }
 }
 
