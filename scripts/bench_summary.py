@@ -127,24 +127,27 @@ def main(path: str) -> None:
         if cfg:
             vis_fl, lm_fl = flops(cfg, setup["n_prefix"])
             mm = {(m["type"], m["m"]): m for m in roof["matmul"]}
-            best = lambda ty: max((m["gflops"] for m in roof["matmul"] if m["type"] == ty and m["m"] > 1),
-                                  default=None)
+            best = lambda ty: max((m["gflops"] for m in roof["matmul"]
+                                   if m["type"].lower() == ty.lower() and m["m"] > 1), default=None)
             print(f"\nVision {vis_fl / 1e9:.0f} GFLOP per image, LM prefill {lm_fl / 1e9:.0f} GFLOP "
                   f"({setup['n_prefix']} tokens). ggml matmul throughput measured here (best M > 1):"
                   f" {', '.join(f'{t} {best(t):.0f}' for t in sorted({m['type'] for m in roof['matmul']}) if best(t))}"
                   " GFLOP/s.\n")
             print("| stage | pali | achieved | roofline type | fraction |")
             print("|---|---|---|---|---|")
-            for label, ty_w, stage in [("Q4_K_M + F16", "F32", "vision"), ("Q4_K_M + F16", "Q4_K", "prefill"),
-                                       ("Q8_0", "Q8_0", "prefill"), ("Q4_0", "Q4_0", "prefill")]:
-                key = label.split(" ")[0]
+            for label, key, ty_w, stage in [
+                    ("F16 vision (widened to F32)", "Q4_K_M", "F32", "vision"),
+                    ("Q8_0 vision (int8)", "Q4_K_M+Q8_0 vision", "Q8_0", "vision"),
+                    ("Q4_K_M decoder", "Q4_K_M", "Q4_K", "prefill"),
+                    ("Q4_0 decoder", "Q4_0", "Q4_0", "prefill"),
+                    ("Q8_0 decoder", "Q8_0", "Q8_0", "prefill")]:
                 p = pali.get(key)
                 b = best(ty_w)
                 if not p or not b:
                     continue
                 secs = med([x["median_vision_ms" if stage == "vision" else "median_prefill_ms"] for x in p]) / 1e3
                 fl = vis_fl if stage == "vision" else lm_fl
-                print(f"| {stage} ({label}) | {secs:.2f} s | {fl / secs / 1e9:.0f} GFLOP/s | {ty_w} {b:.0f} "
+                print(f"| {stage}, {label} | {secs:.2f} s | {fl / secs / 1e9:.0f} GFLOP/s | {ty_w} {b:.0f} "
                       f"| {fl / secs / 1e9 / b:.0%} |")
 
 

@@ -392,7 +392,7 @@ impl<'m> LlamaContext<'m> {
 /// the mapped pages it read to do so would stay resident (≈ 0.9 GiB for a 3B Q4_K_M) though
 /// never touched again. Pages still in use fault back in from the page cache on next access.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn release_mapped_pages(path: &Path) -> usize {
+pub(crate) fn release_mapped_pages(path: &Path) -> usize {
     let Ok(path) = path.canonicalize() else {
         return 0;
     };
@@ -424,6 +424,6 @@ fn release_mapped_pages(path: &Path) -> usize {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn release_mapped_pages(_path: &Path) -> usize {
+pub(crate) fn release_mapped_pages(_path: &Path) -> usize {
     0
 }
