@@ -184,6 +184,8 @@ pub struct GenerateOptions {
     pub flash_attn: Option<bool>,
     /// Generate exactly `n_predict` tokens, past `<eos>` (benchmarks).
     pub ignore_eos: bool,
+    /// Record [`Generation::token_logprobs`] (used for detection scores).
+    pub logprobs: bool,
 }
 
 impl Default for GenerateOptions {
@@ -195,6 +197,7 @@ impl Default for GenerateOptions {
             kv_f32: false,
             flash_attn: None,
             ignore_eos: false,
+            logprobs: false,
         }
     }
 }
@@ -229,6 +232,8 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// Logits of the first generated position, over the real vocabulary.
     pub first_logits: Vec<f32>,
+    /// With [`GenerateOptions::logprobs`]: each token's log-probability (else empty).
+    pub token_logprobs: Vec<f32>,
     /// Timings.
     pub timings: Timings,
 }
@@ -270,6 +275,7 @@ pub struct Model {
     preprocess: PreprocessConfig,
     threads: i32,
     hidden: usize,
+    loc_token: Option<u32>,
     vision_backend: String,
     low_mem: bool,
 }
@@ -323,12 +329,14 @@ impl Model {
             max_pixels: MAX_IMAGE_PIXELS,
         };
         let (hidden, vision_backend) = (decoder.hidden(), vision.backend_name());
+        let loc_token = decoder.tokenizer().token_to_id("<loc0000>");
         let model = Model {
             vision: Part::new(vision, Box::new(load_vision)),
             decoder: Part::new(decoder, Box::new(load_decoder)),
             preprocess,
             threads: opts.threads,
             hidden,
+            loc_token,
             vision_backend,
             low_mem,
         };
@@ -347,6 +355,11 @@ impl Model {
     /// The decoder's hidden size (the width of image features).
     pub fn hidden(&self) -> usize {
         self.hidden
+    }
+
+    /// Token id of `<loc0000>` (`<locN>` is this + N), if the vocabulary has loc tokens.
+    pub fn loc_token(&self) -> Option<u32> {
+        self.loc_token
     }
 
     /// The vision tower's ggml backend.
@@ -423,6 +436,7 @@ impl Model {
                 kv_f32: opts.kv_f32,
                 max_ctx: opts.max_ctx,
                 ignore_eos: opts.ignore_eos,
+                logprobs: opts.logprobs,
             };
             let g = decoder.generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
             Ok((prefix, g))
@@ -444,6 +458,7 @@ impl Model {
             text: g.text,
             tokens: g.tokens,
             first_logits: g.first_logits,
+            token_logprobs: g.token_logprobs,
             timings,
         })
     }

@@ -503,7 +503,10 @@ fn run_locate(
     .prompt();
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
     let (model, load_ms) = load_model(args)?;
-    let opts = gen_options(args);
+    let opts = GenerateOptions {
+        logprobs: true,
+        ..gen_options(args)
+    };
     let g = model
         .generate(&img, &prompt, &opts, &mut |_| {})
         .map_err(|e| e.to_string())?;
@@ -531,6 +534,10 @@ fn run_locate(
         let d = pali::parse_detections(&g.text, w, h);
         (d.objects, None, d.warnings)
     };
+    let mut boxes = boxes;
+    if let Some(loc) = model.loc_token() {
+        pali::prompt::score_boxes(&mut boxes, &g.tokens, &g.token_logprobs, loc);
+    }
     if opts.n_predict > 0 && g.tokens.len() >= opts.n_predict {
         warnings.push(format!(
             "the answer stopped at the -n limit ({} tokens): raise -n to get every object",
@@ -583,6 +590,9 @@ fn run_locate(
         for (i, b) in boxes.iter().enumerate() {
             let [x1, y1, x2, y2] = rounded(b);
             let mut line = format!("{}: {x1},{y1},{x2},{y2}", b.label);
+            if let Some(score) = b.score {
+                line.push_str(&format!(" score={score:.2}"));
+            }
             if let Some(codes) = &codes {
                 let c: Vec<String> = codes[i].iter().map(u8::to_string).collect();
                 line.push_str(&format!(" codes={}", c.join(",")));

@@ -81,7 +81,8 @@ pub struct DetectionBox {
     pub x2: f32,
     /// Bottom edge (exclusive, like the image height), pixels of the original image.
     pub y2: f32,
-    /// Model confidence, if the caller computed one (the parser leaves it `None`).
+    /// Model confidence, if the caller computed one (the parser leaves it `None`; see
+    /// [`score_boxes`]).
     pub score: Option<f32>,
     /// The raw bins in the model's order: `[y1, x1, y2, x2]`, each 0..=1023.
     pub loc: [u16; 4],
@@ -128,6 +129,38 @@ pub struct Detections {
     pub objects: Vec<DetectionBox>,
     /// One line per skipped object or ignored piece of text.
     pub warnings: Vec<String>,
+}
+
+/// Sets each box's score to the geometric mean of the model's probabilities for its four
+/// loc tokens: how sure the model was of where the box is. `tokens` and `logprobs` are the
+/// generation's tokens and their log-probabilities ([`crate::Generation::token_logprobs`]),
+/// `loc_token` the id of `<loc0000>`. Boxes are matched in order to the next run of four
+/// consecutive loc tokens with their bins, so skipped malformed groups do not shift scores;
+/// a box with no such run keeps `None`.
+pub fn score_boxes<'a>(
+    boxes: impl IntoIterator<Item = &'a mut DetectionBox>,
+    tokens: &[u32],
+    logprobs: &[f32],
+    loc_token: u32,
+) {
+    if tokens.len() != logprobs.len() {
+        return;
+    }
+    let bin = |t: u32| {
+        t.checked_sub(loc_token)
+            .filter(|&b| b < u32::from(LOC_BINS))
+            .map(|b| b as u16)
+    };
+    let mut next = 0;
+    for b in boxes {
+        let found = (next..tokens.len().saturating_sub(3))
+            .find(|&i| (0..4).all(|k| bin(tokens[i + k]) == Some(b.loc[k])));
+        if let Some(i) = found {
+            let mean = logprobs[i..i + 4].iter().sum::<f32>() / 4.0;
+            b.score = Some(mean.exp());
+            next = i + 4;
+        }
+    }
 }
 
 /// One segmented object: its box and the 16 codebook indices of its mask.
@@ -694,5 +727,47 @@ mod tests {
             let _ = parse_detections(&text[..i], 7, 5);
             let _ = parse_segments(&text[..i], 7, 5);
         }
+    }
+
+    #[test]
+    fn scores_follow_the_boxes_loc_tokens() {
+        let loc = 1000u32;
+        let t = |bin: u32| loc + bin;
+        // "<loc10><loc20><loc30><loc40> a ; <loc1><loc2> b ; <loc5><loc6><loc7><loc8> c"
+        // The middle group is truncated (the parser skips it); label tokens are 7 and 8.
+        let tokens = [
+            t(10),
+            t(20),
+            t(30),
+            t(40),
+            7,
+            8,
+            t(1),
+            t(2),
+            7,
+            8,
+            t(5),
+            t(6),
+            t(7),
+            t(8),
+            7,
+        ];
+        let lp = [
+            -0.1, -0.2, -0.3, -0.4, -5.0, -5.0, -9.0, -9.0, -5.0, -5.0, -1.0, -1.0, -1.0, -1.0,
+            -5.0,
+        ];
+        let mut boxes = vec![
+            DetectionBox::from_loc([10, 20, 30, 40], "a", 100, 100),
+            DetectionBox::from_loc([5, 6, 7, 8], "c", 100, 100),
+            DetectionBox::from_loc([900, 901, 902, 903], "never generated", 100, 100),
+        ];
+        score_boxes(&mut boxes, &tokens, &lp, loc);
+        assert!((boxes[0].score.unwrap() - (-0.25f32).exp()).abs() < 1e-6);
+        assert!((boxes[1].score.unwrap() - (-1.0f32).exp()).abs() < 1e-6);
+        assert_eq!(boxes[2].score, None);
+        // Mismatched lengths: nothing is scored.
+        let mut b = vec![DetectionBox::from_loc([10, 20, 30, 40], "a", 1, 1)];
+        score_boxes(&mut b, &tokens, &lp[..3], loc);
+        assert_eq!(b[0].score, None);
     }
 }

@@ -51,6 +51,8 @@ pub struct DecodeOptions {
     pub max_ctx: usize,
     /// Do not stop at `<eos>` (benchmarks generate exactly `n_predict` tokens).
     pub ignore_eos: bool,
+    /// Record each generated token's log-probability (one pass over the logits per token).
+    pub logprobs: bool,
 }
 
 /// Rows of the decoder's token embedding table, read straight from the mapped GGUF
@@ -165,6 +167,9 @@ pub struct Generated {
     pub decode_ms: f64,
     /// Single-token llama.cpp decodes in `decode_ms`.
     pub decode_steps: usize,
+    /// With [`DecodeOptions::logprobs`]: each generated token's log-probability under the
+    /// model (softmax of its logits over the real vocabulary, before any temperature).
+    pub token_logprobs: Vec<f32>,
 }
 
 /// Token sampling settings.
@@ -366,6 +371,10 @@ impl Decoder {
                 break;
             }
             out.tokens.push(tok);
+            if opts.logprobs {
+                out.token_logprobs
+                    .push(log_softmax_at(logits, tok as usize));
+            }
             let text = self
                 .tokenizer
                 .decode(&out.tokens, true)
@@ -418,6 +427,13 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Greedy, or temperature / top-k / top-p sampling.
+/// `log softmax(logits)[i]`, computed stably in f64.
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+    (f64::from(logits[i] - max) - sum.ln()) as f32
+}
+
 fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);

@@ -193,3 +193,38 @@ fn low_memory_mode_gives_the_same_answers() {
         }
     }
 }
+
+/// `detect --json` gives each box a score in (0, 1]: the geometric mean probability of its
+/// four loc tokens, and the text output prints it.
+#[test]
+fn detections_carry_scores() {
+    let exe = env!("CARGO_BIN_EXE_pali");
+    let out = std::process::Command::new(exe)
+        .args(["detect", &example("three_shapes_wide.png"), "circle"])
+        .args(["-t", "1", "--json"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objects = v["objects"].as_array().unwrap();
+    assert_eq!(objects.len(), 2, "{v}");
+    for o in objects {
+        let s = o["score"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no score: {o}"));
+        assert!(s > 0.0 && s <= 1.0, "{o}");
+    }
+    let out = std::process::Command::new(exe)
+        .args(["detect", &example("three_shapes_wide.png"), "circle"])
+        .args(["-t", "1"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches(" score=").count(), 2, "{text}");
+}
