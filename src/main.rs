@@ -781,6 +781,7 @@ fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    pali_ggml::default_sigpipe();
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,llama.cpp=off"),
     )

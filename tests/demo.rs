@@ -228,3 +228,32 @@ fn detections_carry_scores() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches(" score=").count(), 2, "{text}");
 }
+
+/// Output piped into a reader that stops early (`pali caption … | head -1`): pali ends
+/// quietly on SIGPIPE like other Unix tools, without a panic message.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let img = example("three_shapes_wide.png");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pali"))
+        .arg("caption")
+        .args(std::iter::repeat_n(img.as_str(), 100))
+        .args(["-t", "1", "--json"])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("a red circle"), "{first}");
+    // The pipe's read end is closed here.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.status.success());
+}

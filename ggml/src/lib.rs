@@ -131,3 +131,14 @@ pub fn cpu_features() -> Vec<String> {
     }
     v
 }
+
+/// Restores the default action of `SIGPIPE` (terminate quietly), which Rust programs ignore:
+/// a CLI whose output is piped into `head` then stops like any Unix tool instead of panicking
+/// on a "Broken pipe" write error. Unix only; a no-op elsewhere.
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
