@@ -178,6 +178,9 @@ pub struct GenerateOptions {
     pub max_ctx: usize,
     /// F32 KV cache (exactness checks).
     pub kv_f32: bool,
+    /// Q8_0 KV cache (`--cache-type q8_0`): half the F16 cache's memory, which matters at
+    /// 896 px (1.4 GiB at F16 for a 10B); turns on flash attention, which llama.cpp needs for it.
+    pub kv_q8: bool,
     /// Flash attention in the decoder: `None` = on for prefixes over
     /// [`session::FLASH_ATTN_AUTO_TOKENS`] tokens (the 896 px models, where the prefix's
     /// attention matrix would take gigabytes), off otherwise (it is less exact on the CPU).
@@ -195,6 +198,7 @@ impl Default for GenerateOptions {
             sampling: Sampling::default(),
             max_ctx: 0,
             kv_f32: false,
+            kv_q8: false,
             flash_attn: None,
             ignore_eos: false,
             logprobs: false,
@@ -434,6 +438,7 @@ impl Model {
                 threads: self.threads,
                 flash_attn: opts.flash_attn,
                 kv_f32: opts.kv_f32,
+                kv_q8: opts.kv_q8,
                 max_ctx: opts.max_ctx,
                 ignore_eos: opts.ignore_eos,
                 logprobs: opts.logprobs,

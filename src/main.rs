@@ -64,9 +64,20 @@ struct ModelArgs {
     /// auto = on when RAM < 2 × the two files + 1 GiB.
     #[arg(long = "low-mem", value_enum, default_value_t = LowMemArg::Auto)]
     low_mem: LowMemArg,
+    /// KV cache type: q8_0 halves its memory (1.4 -> 0.7 GiB for a 10B at 896 px) and turns
+    /// on flash attention.
+    #[arg(long = "cache-type", visible_alias = "ctk", value_enum, default_value_t = CacheTypeArg::F16)]
+    cache_type: CacheTypeArg,
     /// Print one JSON object per image instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CacheTypeArg {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -419,6 +430,7 @@ fn gen_options(args: &ModelArgs) -> GenerateOptions {
             seed: args.seed,
         },
         max_ctx: args.ctx_size,
+        kv_q8: matches!(args.cache_type, CacheTypeArg::Q8_0),
         ..Default::default()
     }
 }

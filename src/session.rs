@@ -47,6 +47,8 @@ pub struct DecodeOptions {
     pub flash_attn: Option<bool>,
     /// F32 KV cache instead of F16 (slower, for exactness checks).
     pub kv_f32: bool,
+    /// Q8_0 KV cache (half the memory; flash attention on).
+    pub kv_q8: bool,
     /// Largest context allowed (`-c`); 0 = prefix + n_predict.
     pub max_ctx: usize,
     /// Do not stop at `<eos>` (benchmarks generate exactly `n_predict` tokens).
@@ -349,6 +351,7 @@ impl Decoder {
             threads_batch: opts.threads,
             flash_attn: opts.flash_attn.unwrap_or(n > FLASH_ATTN_AUTO_TOKENS),
             kv_f32: opts.kv_f32,
+            kv_q8: opts.kv_q8,
         };
         let mut ctx = LlamaContext::new(&self.model, &params)?;
         let t0 = std::time::Instant::now();

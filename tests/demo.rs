@@ -257,3 +257,34 @@ fn closed_stdout_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.status.success());
 }
+
+/// A Q8_0 KV cache (`--cache-type q8_0`, flash attention on) gives the same greedy captions
+/// as the default F16 cache on the bundled model.
+#[test]
+fn q8_0_kv_cache_gives_the_same_captions() {
+    let run = |cache: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pali"))
+            .arg("caption")
+            .args(
+                [
+                    "three_shapes_wide.png",
+                    "two_shapes_tall.png",
+                    "one_shape.png",
+                ]
+                .map(example),
+            )
+            .args(["-t", "1", "--cache-type", cache])
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let f16 = run("f16");
+    assert_eq!(f16.lines().count(), 3, "{f16}");
+    assert_eq!(run("q8_0"), f16);
+}

@@ -129,6 +129,7 @@ fn text_only_decoder_matches_hf() {
             threads_batch: 1,
             flash_attn: false,
             kv_f32: true,
+            kv_q8: false,
         };
         let mut ctx = LlamaContext::new(&lm, &params).unwrap();
         ctx.decode_tokens(&input, 0).unwrap();

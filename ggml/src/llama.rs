@@ -150,6 +150,9 @@ pub struct ContextParams {
     pub flash_attn: bool,
     /// KV cache element type (F16 by default; F32 for bit-level checks).
     pub kv_f32: bool,
+    /// Q8_0 KV cache (K and V): half the F16 cache's memory. llama.cpp needs flash
+    /// attention for a quantized V cache, so this turns it on.
+    pub kv_q8: bool,
 }
 
 /// A decoding context over a [`LlamaModel`].
@@ -235,6 +238,10 @@ impl<'m> LlamaContext<'m> {
             if p.kv_f32 {
                 c.type_k = sys::GGML_TYPE_F32;
                 c.type_v = sys::GGML_TYPE_F32;
+            } else if p.kv_q8 {
+                c.type_k = sys::GGML_TYPE_Q8_0;
+                c.type_v = sys::GGML_TYPE_Q8_0;
+                c.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
             }
             sys::llama_init_from_model(model.raw, c)
         };
