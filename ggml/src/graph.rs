@@ -64,14 +64,12 @@ impl Backend {
                     "ggml could not start its CPU backend".into(),
                 ));
             }
-            let reg = sys::ggml_backend_dev_backend_reg(dev);
-            let f =
-                sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_set_n_threads".as_ptr());
-            let set_threads: sys::ggml_backend_set_n_threads_t = if f.is_null() {
-                None
-            } else {
-                std::mem::transmute::<*mut std::ffi::c_void, sys::ggml_backend_set_n_threads_t>(f)
-            };
+            let set_threads: sys::ggml_backend_set_n_threads_t =
+                crate::cpu_proc(c"ggml_backend_set_n_threads").and_then(|f| {
+                    std::mem::transmute::<*mut std::ffi::c_void, sys::ggml_backend_set_n_threads_t>(
+                        f,
+                    )
+                });
             let b = Backend {
                 raw,
                 dev,

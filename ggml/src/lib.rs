@@ -99,24 +99,37 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
+/// A function the CPU backend exports through ggml's registry (`ggml_threadpool_new`, …),
+/// or `None`. The registry is the only way to reach them when the CPU backend is a module
+/// loaded at run time (`dynamic-backends`); static builds answer the same way.
+pub(crate) fn cpu_proc(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+    logging::init();
+    // SAFETY: registry lookups return NULL when absent, which is checked.
+    unsafe {
+        let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+        if dev.is_null() {
+            return None;
+        }
+        let reg = sys::ggml_backend_dev_backend_reg(dev);
+        let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+        (!f.is_null()).then_some(f)
+    }
+}
+
 /// What SIMD the ggml CPU backend in use was compiled with (`AVX2`, `NEON`, `DOTPROD`, …),
 /// from the backend's own feature list, so it also names the variant a `dynamic-backends`
 /// build picked at run time.
 pub fn cpu_features() -> Vec<String> {
-    logging::init();
     let mut v = Vec::new();
-    // SAFETY: registry lookups return NULL when absent (checked); the feature array is
-    // static in the CPU backend and ends with a NULL name.
+    let Some(f) = cpu_proc(c"ggml_backend_get_features") else {
+        return v;
+    };
+    // SAFETY: the looked-up function has this signature (ggml-backend.h); the feature array
+    // is static in the CPU backend and ends with a NULL name.
     unsafe {
-        let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
-        if dev.is_null() {
-            return v;
-        }
-        let reg = sys::ggml_backend_dev_backend_reg(dev);
-        let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_get_features".as_ptr());
-        if f.is_null() {
-            return v;
-        }
+        let reg = sys::ggml_backend_dev_backend_reg(sys::ggml_backend_dev_by_type(
+            sys::GGML_BACKEND_DEVICE_TYPE_CPU,
+        ));
         let get: sys::ggml_backend_get_features_t = std::mem::transmute(f);
         let mut p = get.expect("non-null")(reg);
         while !p.is_null() && !(*p).name.is_null() {

@@ -178,20 +178,12 @@ impl ThreadPool {
     fn new(threads: i32) -> Option<Self> {
         type New = unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> sys::ggml_threadpool_t;
         type Free = unsafe extern "C" fn(sys::ggml_threadpool_t);
-        // SAFETY: registry lookups return NULL when absent (checked); the looked-up
-        // functions have exactly these C signatures (ggml-cpu.h).
+        let (new, free) = (
+            crate::cpu_proc(c"ggml_threadpool_new")?,
+            crate::cpu_proc(c"ggml_threadpool_free")?,
+        );
+        // SAFETY: the looked-up functions have exactly these C signatures (ggml-cpu.h).
         unsafe {
-            let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
-            if dev.is_null() {
-                return None;
-            }
-            let reg = sys::ggml_backend_dev_backend_reg(dev);
-            let new = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr());
-            let free =
-                sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_free".as_ptr());
-            if new.is_null() || free.is_null() {
-                return None;
-            }
             let (new, free) = (
                 std::mem::transmute::<*mut std::ffi::c_void, New>(new),
                 std::mem::transmute::<*mut std::ffi::c_void, Free>(free),
