@@ -46,8 +46,7 @@ fn example(name: &str) -> String {
 /// image fails with exit code 1 and names the file.
 #[test]
 fn cli_captions_with_the_bundled_model() {
-    let exe = env!("CARGO_BIN_EXE_pali");
-    let out = std::process::Command::new(exe)
+    let out = pali_cmd()
         .args([
             "caption",
             &example("three_shapes_wide.png"),
@@ -55,14 +54,9 @@ fn cli_captions_with_the_bundled_model() {
             "1",
             "--json",
         ])
-        .current_dir(root())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["text"], "a red circle, a blue square and a green circle");
     assert_eq!(v["tokens"].as_array().unwrap().len(), 11);
@@ -70,9 +64,8 @@ fn cli_captions_with_the_bundled_model() {
     assert_eq!(v["timings"]["n_prefix"], 68);
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 0.0);
 
-    let out = std::process::Command::new(exe)
+    let out = pali_cmd()
         .args(["caption", "/nonexistent/cat.jpg"])
-        .current_dir(root())
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -84,8 +77,7 @@ fn cli_captions_with_the_bundled_model() {
 /// have close logits, so the test allows a few bins of numeric drift.
 #[test]
 fn cli_detects_with_the_bundled_model() {
-    let exe = env!("CARGO_BIN_EXE_pali");
-    let out = std::process::Command::new(exe)
+    let out = pali_cmd()
         .args([
             "run",
             "--image",
@@ -96,14 +88,9 @@ fn cli_detects_with_the_bundled_model() {
             "1",
             "--json",
         ])
-        .current_dir(root())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = v["text"].as_str().unwrap();
     let (locs, label) = text.split_at(text.find(' ').expect(text));
@@ -122,8 +109,7 @@ fn cli_detects_with_the_bundled_model() {
 /// Several images: JSON Lines with paths, a bad image gets an error line and exit code 1.
 #[test]
 fn cli_batch_keeps_going_past_a_bad_image() {
-    let exe = env!("CARGO_BIN_EXE_pali");
-    let out = std::process::Command::new(exe)
+    let out = pali_cmd()
         .args([
             "caption",
             &path_str(&image_path("wide")),
@@ -135,7 +121,6 @@ fn cli_batch_keeps_going_past_a_bad_image() {
             "2",
             "--json",
         ])
-        .current_dir(root())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -156,18 +141,12 @@ fn cli_batch_keeps_going_past_a_bad_image() {
 #[test]
 fn low_memory_mode_gives_the_same_answers() {
     let run = |low_mem: &str, args: &[&str]| -> Vec<serde_json::Value> {
-        let exe = env!("CARGO_BIN_EXE_pali");
-        let out = std::process::Command::new(exe)
+        let out = pali_cmd()
             .args(args)
             .args(["-t", "1", "--json", "--low-mem", low_mem])
-            .current_dir(root())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -198,18 +177,12 @@ fn low_memory_mode_gives_the_same_answers() {
 /// four loc tokens, and the text output prints it.
 #[test]
 fn detections_carry_scores() {
-    let exe = env!("CARGO_BIN_EXE_pali");
-    let out = std::process::Command::new(exe)
+    let out = pali_cmd()
         .args(["detect", &example("three_shapes_wide.png"), "circle"])
         .args(["-t", "1", "--json"])
-        .current_dir(root())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let objects = v["objects"].as_array().unwrap();
     assert_eq!(objects.len(), 2, "{v}");
@@ -219,10 +192,9 @@ fn detections_carry_scores() {
             .unwrap_or_else(|| panic!("no score: {o}"));
         assert!(s > 0.0 && s <= 1.0, "{o}");
     }
-    let out = std::process::Command::new(exe)
+    let out = pali_cmd()
         .args(["detect", &example("three_shapes_wide.png"), "circle"])
         .args(["-t", "1"])
-        .current_dir(root())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -237,11 +209,10 @@ fn closed_stdout_ends_quietly() {
     use std::io::BufRead;
     use std::process::Stdio;
     let img = example("three_shapes_wide.png");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pali"))
+    let mut child = pali_cmd()
         .arg("caption")
         .args(std::iter::repeat_n(img.as_str(), 100))
         .args(["-t", "1", "--json"])
-        .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -263,7 +234,7 @@ fn closed_stdout_ends_quietly() {
 #[test]
 fn q8_0_kv_cache_gives_the_same_captions() {
     let run = |cache: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pali"))
+        let out = pali_cmd()
             .arg("caption")
             .args(
                 [
@@ -274,14 +245,9 @@ fn q8_0_kv_cache_gives_the_same_captions() {
                 .map(example),
             )
             .args(["-t", "1", "--cache-type", cache])
-            .current_dir(root())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         String::from_utf8(out.stdout).unwrap()
     };
     let f16 = run("f16");

@@ -284,3 +284,19 @@ impl Lcg {
         (0..n).map(|_| self.next_f32() * scale).collect()
     }
 }
+
+/// The `pali` binary, run from the repository root.
+pub fn pali_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pali"));
+    c.current_dir(root());
+    c
+}
+
+/// Asserts that a `pali` run succeeded, showing its stderr if not.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
