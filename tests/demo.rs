@@ -46,18 +46,7 @@ fn example(name: &str) -> String {
 /// image fails with exit code 1 and names the file.
 #[test]
 fn cli_captions_with_the_bundled_model() {
-    let out = pali_cmd()
-        .args([
-            "caption",
-            &example("three_shapes_wide.png"),
-            "-t",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = pali_json(&["caption", &example("three_shapes_wide.png")]);
     assert_eq!(v["text"], "a red circle, a blue square and a green circle");
     assert_eq!(v["tokens"].as_array().unwrap().len(), 11);
     // 64 image tokens + <bos> + "caption en" (2 tokens) + "\n"
@@ -77,21 +66,13 @@ fn cli_captions_with_the_bundled_model() {
 /// have close logits, so the test allows a few bins of numeric drift.
 #[test]
 fn cli_detects_with_the_bundled_model() {
-    let out = pali_cmd()
-        .args([
-            "run",
-            "--image",
-            &example("one_shape.png"),
-            "-p",
-            "detect triangle",
-            "-t",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = pali_json(&[
+        "run",
+        "--image",
+        &example("one_shape.png"),
+        "-p",
+        "detect triangle",
+    ]);
     let text = v["text"].as_str().unwrap();
     let (locs, label) = text.split_at(text.find(' ').expect(text));
     assert_eq!(label, " triangle", "{text}");
@@ -177,13 +158,7 @@ fn low_memory_mode_gives_the_same_answers() {
 /// four loc tokens, and the text output prints it.
 #[test]
 fn detections_carry_scores() {
-    let out = pali_cmd()
-        .args(["detect", &example("three_shapes_wide.png"), "circle"])
-        .args(["-t", "1", "--json"])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = pali_json(&["detect", &example("three_shapes_wide.png"), "circle"]);
     let objects = v["objects"].as_array().unwrap();
     assert_eq!(objects.len(), 2, "{v}");
     for o in objects {

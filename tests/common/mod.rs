@@ -300,3 +300,15 @@ pub fn assert_success(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs `pali` with `args` (one thread, `--json` appended), asserts success and parses its
+/// single JSON object.
+pub fn pali_json(args: &[&str]) -> serde_json::Value {
+    let out = pali_cmd()
+        .args(args)
+        .args(["-t", "1", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
