@@ -32,7 +32,7 @@ pub use session::{Sampling, SlidingWindow};
 pub use vae::{convert_vae, Mask, MaskDecoder};
 
 use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
-use session::{DecodeOptions, Decoder, DecoderOptions};
+use session::{DecodeOptions, Decoder, DecoderFacts, DecoderOptions};
 use siglip::{VisionEncoder, VisionOutput};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -242,17 +242,34 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// An image preprocessed and encoded by the vision tower ([`Model::encode_image`]).
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    /// Projected image features `[n_tokens][hidden]`.
+    pub features: Vec<f32>,
+    #[allow(missing_docs)]
+    pub preprocess_ms: f64,
+    #[allow(missing_docs)]
+    pub vision_ms: f64,
+}
+
 /// One half of the model (vision tower or decoder): resident, or in low-memory mode loaded
 /// on demand and dropped after use.
 struct Part<T> {
+    name: &'static str,
     slot: Mutex<Option<T>>,
     load: Box<dyn Fn() -> Result<T> + Send + Sync>,
 }
 
 impl<T> Part<T> {
-    fn new(loaded: T, load: Box<dyn Fn() -> Result<T> + Send + Sync>) -> Self {
+    fn new(
+        name: &'static str,
+        loaded: Option<T>,
+        load: Box<dyn Fn() -> Result<T> + Send + Sync>,
+    ) -> Self {
         Part {
-            slot: Mutex::new(Some(loaded)),
+            name,
+            slot: Mutex::new(loaded),
             load,
         }
     }
@@ -261,6 +278,7 @@ impl<T> Part<T> {
     fn with<R>(&self, f: impl FnOnce(&T) -> Result<R>) -> Result<R> {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
+            log::info!("low-memory mode: loading the {}", self.name);
             *slot = Some((self.load)()?);
         }
         f(slot.as_ref().expect("loaded above"))
@@ -280,6 +298,7 @@ pub struct Model {
     threads: i32,
     hidden: usize,
     loc_token: Option<u32>,
+    image_tokens: usize,
     vision_backend: String,
     low_mem: bool,
 }
@@ -313,15 +332,26 @@ impl Model {
         );
         let load_decoder = move || Decoder::load(&decoder_path, &dopts);
         let vision = load_vision()?;
-        let decoder = load_decoder()?;
+        // In low-memory mode the decoder is only probed here (header, tokenizer, embedding
+        // table) and loaded on first use, after the vision tower has been dropped.
+        let (decoder, facts) = if low_mem {
+            (None, Decoder::probe(&paths.decoder)?)
+        } else {
+            let d = load_decoder()?;
+            let facts = DecoderFacts {
+                hidden: d.hidden(),
+                loc_token: d.tokenizer().token_to_id("<loc0000>"),
+            };
+            (Some(d), facts)
+        };
         let vc = vision.config();
-        if vc.projection_dim != decoder.hidden() {
+        if vc.projection_dim != facts.hidden {
             return Err(Error::Model(format!(
                 "{} projects to width {}, but the decoder {} has hidden size {}: they are from different models",
                 paths.mmproj.display(),
                 vc.projection_dim,
                 paths.decoder.display(),
-                decoder.hidden()
+                facts.hidden
             )));
         }
         let preprocess = PreprocessConfig {
@@ -332,23 +362,19 @@ impl Model {
             resample: ResampleFilter::from_pil_code(vc.resample)?,
             max_pixels: MAX_IMAGE_PIXELS,
         };
-        let (hidden, vision_backend) = (decoder.hidden(), vision.backend_name());
-        let loc_token = decoder.tokenizer().token_to_id("<loc0000>");
-        let model = Model {
-            vision: Part::new(vision, Box::new(load_vision)),
-            decoder: Part::new(decoder, Box::new(load_decoder)),
+        let vision_backend = vision.backend_name();
+        let image_tokens = (vc.image_size / vc.patch_size).pow(2);
+        Ok(Model {
+            vision: Part::new("vision tower", Some(vision), Box::new(load_vision)),
+            decoder: Part::new("decoder", decoder, Box::new(load_decoder)),
             preprocess,
             threads: opts.threads,
-            hidden,
-            loc_token,
+            hidden: facts.hidden,
+            loc_token: facts.loc_token,
+            image_tokens,
             vision_backend,
             low_mem,
-        };
-        if low_mem {
-            // The first image needs the vision tower first.
-            model.decoder.release();
-        }
-        Ok(model)
+        })
     }
 
     /// Whether low-memory mode is on (see [`LoadOptions::low_mem`]).
@@ -380,16 +406,26 @@ impl Model {
     }
 
     /// Runs `f` on the vision tower (loaded first in low-memory mode, after dropping the
-    /// decoder; dropped again afterwards).
+    /// decoder; it stays loaded until the decoder is needed, so that a group of images is
+    /// encoded with one load, see [`Model::images_per_group`]).
     pub fn with_vision<R>(&self, f: impl FnOnce(&VisionEncoder) -> Result<R>) -> Result<R> {
         if self.low_mem {
             self.decoder.release();
         }
-        let r = self.vision.with(f);
+        self.vision.with(f)
+    }
+
+    /// How many images a batch should encode before decoding them: 1, or in low-memory mode
+    /// as many as keep their features within 256 MiB (e.g. 109 at 224 px for a 3B, 1 at
+    /// 896 px for a 10B), so that the vision tower and the decoder are each loaded once per
+    /// group instead of once per image. See [`Model::encode_image`].
+    pub fn images_per_group(&self) -> usize {
+        const FEATURE_BUDGET: usize = 256 << 20;
         if self.low_mem {
-            self.vision.release();
+            (FEATURE_BUDGET / (self.image_tokens * self.hidden * 4).max(1)).max(1)
+        } else {
+            1
         }
-        r
     }
 
     /// Preprocessing settings (from the mmproj file).
@@ -411,15 +447,36 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        let encoded = self.encode_image(image)?;
+        self.generate_encoded(&encoded, prompt, opts, on_text)
+    }
+
+    /// The vision half of [`Model::generate`]: preprocessing and the vision tower.
+    pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
         let t0 = Instant::now();
         let pixels = preprocess::preprocess(image, &self.preprocess);
         let preprocess_ms = ms(t0);
         let t1 = Instant::now();
         let features = self.with_vision(|v| v.encode(&pixels, VisionOutput::Projected))?;
-        let vision_ms = ms(t1);
-        let mut g = self.generate_from_features(&features, prompt, opts, on_text)?;
-        g.timings.preprocess_ms = preprocess_ms;
-        g.timings.vision_ms = vision_ms;
+        Ok(EncodedImage {
+            features,
+            preprocess_ms,
+            vision_ms: ms(t1),
+        })
+    }
+
+    /// The decoder half of [`Model::generate`], on an image from [`Model::encode_image`];
+    /// the timings include its preprocessing and vision time.
+    pub fn generate_encoded(
+        &self,
+        image: &EncodedImage,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let mut g = self.generate_from_features(&image.features, prompt, opts, on_text)?;
+        g.timings.preprocess_ms = image.preprocess_ms;
+        g.timings.vision_ms = image.vision_ms;
         Ok(g)
     }
 

@@ -675,22 +675,35 @@ fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<b
         indicatif::ProgressBar::hidden()
     };
     let mut ok = true;
-    for path in images {
-        let res = load_image(path, pali::MAX_IMAGE_PIXELS)
-            .map_err(pali::Error::from)
-            .and_then(|img| {
-                let mut stdout = std::io::stdout();
-                let stream = !args.json;
-                if stream && many {
-                    print!("{}: ", path.display());
-                }
-                model.generate(&img, prompt, &opts, &mut |piece| {
-                    if stream {
-                        print!("{piece}");
-                        let _ = stdout.flush();
-                    }
+    // Images are encoded a group at a time and then decoded: in low-memory mode the vision
+    // tower and the decoder are loaded once per group, not once per image.
+    let group = model.images_per_group();
+    let mut encoded = Vec::new();
+    for (i, path) in images.iter().enumerate() {
+        if i % group == 0 {
+            encoded = images[i..images.len().min(i + group)]
+                .iter()
+                .map(|p| {
+                    load_image(p, pali::MAX_IMAGE_PIXELS)
+                        .map_err(pali::Error::from)
+                        .and_then(|img| model.encode_image(&img))
                 })
-            });
+                .rev()
+                .collect();
+        }
+        let res = encoded.pop().expect("one per image").and_then(|img| {
+            let mut stdout = std::io::stdout();
+            let stream = !args.json;
+            if stream && many {
+                print!("{}: ", path.display());
+            }
+            model.generate_encoded(&img, prompt, &opts, &mut |piece| {
+                if stream {
+                    print!("{piece}");
+                    let _ = stdout.flush();
+                }
+            })
+        });
         match res {
             Ok(g) => {
                 if args.json {

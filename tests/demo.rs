@@ -117,21 +117,24 @@ fn cli_batch_keeps_going_past_a_bad_image() {
         .contains("/nonexistent/x.png"));
 }
 
-/// Low-memory mode (vision tower and decoder loaded in turn, per image, decoder weights used
-/// in place) gives the same answers as the default, over several images and a detection.
+/// Low-memory mode (vision tower and decoder loaded in turn, decoder weights used in place)
+/// gives the same answers as the default, over several images and a detection, and loads
+/// each half once for a batch of images (all encoded first, then all decoded).
 #[test]
 fn low_memory_mode_gives_the_same_answers() {
-    let run = |low_mem: &str, args: &[&str]| -> Vec<serde_json::Value> {
+    let run = |low_mem: &str, args: &[&str]| -> (Vec<serde_json::Value>, String) {
         let out = pali_cmd()
             .args(args)
             .args(["-t", "1", "--json", "--low-mem", low_mem])
+            .env("RUST_LOG", "pali=info")
             .output()
             .unwrap();
         assert_success(&out);
-        String::from_utf8_lossy(&out.stdout)
+        let lines = String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+            .collect();
+        (lines, String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let images = [
         example("three_shapes_wide.png"),
@@ -144,13 +147,16 @@ fn low_memory_mode_gives_the_same_answers() {
         .collect();
     let detect = ["detect", &images[0], "circle"];
     for args in [&caption[..], &detect[..]] {
-        let (on, off) = (run("on", args), run("off", args));
+        let ((on, log), (off, _)) = (run("on", args), run("off", args));
         assert_eq!(on.len(), off.len());
         assert!(!on.is_empty());
         for (a, b) in on.iter().zip(&off) {
             assert_eq!(a["text"], b["text"], "{args:?}");
             assert!(a["text"].as_str().is_some_and(|t| !t.is_empty()), "{a}");
         }
+        // Loaded at start: the vision tower; on first use: the decoder, once.
+        assert_eq!(log.matches("loading the decoder").count(), 1, "{log}");
+        assert_eq!(log.matches("loading the vision tower").count(), 0, "{log}");
     }
 }
 

@@ -8,10 +8,17 @@ use pali_ggml::quant::FileType;
 use std::path::PathBuf;
 
 fn load(decoder: PathBuf, mmproj: PathBuf) -> Result<Model, Error> {
+    load_mode(decoder, mmproj, false)
+}
+
+/// In low-memory mode the decoder is only probed at load time (header, tokenizer,
+/// embedding table) and loaded through llama.cpp on first use.
+fn load_mode(decoder: PathBuf, mmproj: PathBuf, low_mem: bool) -> Result<Model, Error> {
     Model::load(
         &ModelPaths::new(decoder, mmproj),
         &LoadOptions {
             threads: 1,
+            low_mem: Some(low_mem),
             ..Default::default()
         },
     )
@@ -28,16 +35,18 @@ fn err_text<T>(r: Result<T, Error>) -> String {
 #[test]
 fn swapped_model_files_are_refused() {
     let c = converted("tiny-224", FileType::F16, FileType::F16);
-    let e = err_text(load(c.mmproj.clone(), c.decoder.clone()));
-    assert!(
-        e.contains("not an mmproj") && e.contains("pass it with -m"),
-        "{e}"
-    );
-    let e = err_text(load(c.mmproj.clone(), c.mmproj.clone()));
-    assert!(
-        e.contains("not a Gemma 2 decoder") && e.contains("--mmproj"),
-        "{e}"
-    );
+    for low_mem in [false, true] {
+        let e = err_text(load_mode(c.mmproj.clone(), c.decoder.clone(), low_mem));
+        assert!(
+            e.contains("not an mmproj") && e.contains("pass it with -m"),
+            "{e}"
+        );
+        let e = err_text(load_mode(c.mmproj.clone(), c.mmproj.clone(), low_mem));
+        assert!(
+            e.contains("not a Gemma 2 decoder") && e.contains("--mmproj"),
+            "{e}"
+        );
+    }
 }
 
 /// An mmproj from another model (other projection width) is refused before decoding.
@@ -45,11 +54,36 @@ fn swapped_model_files_are_refused() {
 fn mismatched_projection_is_refused() {
     let a = converted("tiny-224", FileType::F16, FileType::F16);
     let b = converted("tiny-swa-98", FileType::F16, FileType::F16);
-    let e = err_text(load(a.decoder, b.mmproj));
-    assert!(
-        e.contains("projects to width 96") && e.contains("hidden size 64"),
-        "{e}"
-    );
+    for low_mem in [false, true] {
+        let e = err_text(load_mode(a.decoder.clone(), b.mmproj.clone(), low_mem));
+        assert!(
+            e.contains("projects to width 96") && e.contains("hidden size 64"),
+            "{e}"
+        );
+    }
+}
+
+/// A decoder cut short after its embedding table passes the low-memory probe, and is then
+/// refused with its name when it is first loaded: an error, not a crash.
+#[test]
+fn truncated_decoder_in_low_memory_mode() {
+    let c = converted("tiny-224", FileType::F16, FileType::F16);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("runtime_errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = std::fs::read(&c.decoder).unwrap();
+    let cut = dir.join("cut-decoder.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = match load_mode(cut.clone(), c.mmproj.clone(), true) {
+        Err(e) => e.to_string(),
+        Ok(model) => {
+            let img = pali::preprocess::RgbImage::new(20, 20, vec![128; 20 * 20 * 3]).unwrap();
+            err_text(model.generate(&img, "caption en", &GenerateOptions::default(), &mut |_| {}))
+        }
+    };
+    assert!(e.contains("cut-decoder.gguf"), "{e}");
+    // The full load refuses it at once.
+    let e = err_text(load_mode(cut, c.mmproj.clone(), false));
+    assert!(e.contains("cut-decoder.gguf"), "{e}");
 }
 
 /// Missing, empty, truncated and non-GGUF model files.
