@@ -99,6 +99,8 @@ pub struct LoadOptions {
     /// plus copies, for a reload per image and a ~20 % slower prefill. `None`: on when the machine's RAM is less than twice
     /// the two files plus 1 GiB (see [`LowMem::auto`]).
     pub low_mem: Option<bool>,
+    /// How the vision tower computes attention.
+    pub vision_attention: siglip::Attention,
 }
 
 impl Default for LoadOptions {
@@ -108,6 +110,7 @@ impl Default for LoadOptions {
             n_gpu_layers: 0,
             sliding_window: SlidingWindow::Off,
             low_mem: None,
+            vision_attention: siglip::Attention::Auto,
         }
     }
 }
@@ -319,7 +322,12 @@ impl Model {
             auto
         });
         let (mmproj, gpu, threads) = (paths.mmproj.clone(), opts.n_gpu_layers > 0, opts.threads);
-        let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads);
+        let attention = opts.vision_attention;
+        let load_vision = move || {
+            let mut v = VisionEncoder::load(&mmproj, gpu, threads)?;
+            v.set_attention(attention);
+            Ok(v)
+        };
         let (decoder_path, dopts) = (
             paths.decoder.clone(),
             DecoderOptions {
@@ -548,8 +556,10 @@ pub fn default_model_paths(root: &Path) -> Option<ModelPaths> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
             .filter(|p| {
-                p.file_name()
-                    .is_some_and(|f| f.to_string_lossy().starts_with("mmproj-") == prefix)
+                p.file_name().is_some_and(|f| {
+                    let f = f.to_string_lossy();
+                    !f.starts_with("vae-") && f.starts_with("mmproj-") == prefix
+                })
             })
             .collect();
         v.sort();
@@ -559,4 +569,10 @@ pub fn default_model_paths(root: &Path) -> Option<ModelPaths> {
         decoder: find(false)?,
         mmproj: find(true)?,
     })
+}
+
+/// The bundled demo model's mask decoder (`models/demo/vae-pali-demo.gguf` under `root`),
+/// which `pali segment` uses with the demo model when no `--vae` is given.
+pub fn default_vae_path(root: &Path) -> Option<PathBuf> {
+    Some(root.join("models/demo/vae-pali-demo.gguf")).filter(|p| p.is_file())
 }

@@ -64,6 +64,10 @@ struct ModelArgs {
     /// auto = on when RAM < 2 × the two files + 1 GiB.
     #[arg(long = "low-mem", value_enum, default_value_t = LowMemArg::Auto)]
     low_mem: LowMemArg,
+    /// Vision attention: matmul (fast on CPUs; stores the N×N scores), fused (flash
+    /// attention: no score matrices), auto = matmul while they take ≤ 128 MiB (≤ 448 px).
+    #[arg(long = "vision-attention", value_enum, default_value_t = AttentionArg::Auto)]
+    vision_attention: AttentionArg,
     /// KV cache type: q8_0 halves its memory (1.4 -> 0.7 GiB for a 10B at 896 px) and turns
     /// on flash attention.
     #[arg(long = "cache-type", visible_alias = "ctk", value_enum, default_value_t = CacheTypeArg::F16)]
@@ -78,6 +82,13 @@ enum CacheTypeArg {
     F16,
     #[value(name = "q8_0")]
     Q8_0,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    Auto,
+    Fused,
+    Matmul,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -193,8 +204,9 @@ enum Command {
         /// Objects to segment: "cat ; dog" (or one per argument; quote multi-word names).
         #[arg(required = true)]
         objects: Vec<String>,
-        /// Mask decoder GGUF (`pali convert-vae vae-oid.npz -o vae.gguf`); without it masks
-        /// are not decoded ("mask": null).
+        /// Mask decoder GGUF (`pali convert-vae vae-oid.npz -o vae.gguf`; the bundled demo
+        /// model uses models/demo/vae-pali-demo.gguf); without one masks are not decoded
+        /// ("mask": null).
         #[arg(long, value_name = "VAE.gguf")]
         vae: Option<PathBuf>,
         /// Also write the image with labelled boxes (and masks, with --vae) to this PNG file.
@@ -344,6 +356,14 @@ fn run_info(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the bundled demo model is looked for: the working directory, then the source tree.
+fn bundled_roots() -> [PathBuf; 2] {
+    [
+        std::env::current_dir().unwrap_or_default(),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ]
+}
+
 /// Finds the model files: the flags, else the bundled demo model.
 fn model_paths(args: &ModelArgs) -> Result<ModelPaths, String> {
     let find_mmproj = |dir: &Path| -> Result<PathBuf, String> {
@@ -380,18 +400,12 @@ fn model_paths(args: &ModelArgs) -> Result<ModelPaths, String> {
             Ok(ModelPaths::new(m, find_mmproj(dir)?))
         }
         (None, Some(_)) => Err("--mmproj needs -m (the decoder) as well".into()),
-        (None, None) => {
-            let roots = [
-                std::env::current_dir().unwrap_or_default(),
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")),
-            ];
-            roots
-                .iter()
-                .find_map(|r| pali::default_model_paths(r))
-                .ok_or_else(|| {
-                    "no model given (-m, --mmproj) and no bundled model in models/demo".into()
-                })
-        }
+        (None, None) => bundled_roots()
+            .iter()
+            .find_map(|r| pali::default_model_paths(r))
+            .ok_or_else(|| {
+                "no model given (-m, --mmproj) and no bundled model in models/demo".into()
+            }),
     }
 }
 
@@ -409,6 +423,11 @@ fn load_model(args: &ModelArgs) -> Result<(Model, f64), String> {
             LowMemArg::Auto => None,
             LowMemArg::On => Some(true),
             LowMemArg::Off => Some(false),
+        },
+        vision_attention: match args.vision_attention {
+            AttentionArg::Auto => pali::siglip::Attention::Auto,
+            AttentionArg::Fused => pali::siglip::Attention::Fused,
+            AttentionArg::Matmul => pali::siglip::Attention::MatMul,
         },
     };
     let model = Model::load(&paths, &opts).map_err(|e| e.to_string())?;
@@ -497,13 +516,24 @@ fn run_locate(
     {
         return Err("no object names given (e.g. \"cat ; dog\")".into());
     }
-    if outs.mask_out.is_some() && outs.vae.is_none() {
+    // The bundled demo model comes with its own mask decoder.
+    let demo_vae = if segment && outs.vae.is_none() && args.model.is_none() && args.mmproj.is_none()
+    {
+        let paths = model_paths(args)?;
+        bundled_roots()
+            .iter()
+            .find(|r| pali::default_model_paths(r).is_some_and(|p| p.decoder == paths.decoder))
+            .and_then(|r| pali::default_vae_path(r))
+    } else {
+        None
+    };
+    let vae_path = outs.vae.or(demo_vae.as_deref());
+    if outs.mask_out.is_some() && vae_path.is_none() {
         return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
     }
     let draw = outs.draw;
     let threads = args.threads.unwrap_or_else(pali::default_threads);
-    let vae = outs
-        .vae
+    let vae = vae_path
         .map(|p| pali::MaskDecoder::load(p, threads))
         .transpose()
         .map_err(|e| e.to_string())?;

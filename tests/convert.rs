@@ -1524,3 +1524,68 @@ fn k_quants_are_used_when_rows_allow() {
     }
     assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["q4_K", "q6_K"]);
 }
+
+/// A Q8_0 vision tower whose MLP width is not whole Q8_0 blocks (tiny-swa-98: 80, like
+/// So400m's 4304) is stored zero-padded to 96: fc1 gains zero rows and zero biases, fc2
+/// zero columns, so fc2 can be Q8_0; the real values are those of the F32 conversion
+/// (exactly for biases, within Q8_0 rounding for the matrices). Other types keep 80.
+#[test]
+fn quantized_vision_mlp_is_zero_padded_to_whole_blocks() {
+    let dir = fixture_dir("tiny-swa-98").join("hf");
+    let exact =
+        gguf_tensors(&converted_once("tiny-swa-98", &dir, FileType::F32, FileType::F32).mmproj);
+    let q8 =
+        gguf_tensors(&converted_once("tiny-swa-98", &dir, FileType::F32, FileType::Q8_0).mmproj);
+    let f16 =
+        gguf_tensors(&converted_once("tiny-swa-98", &dir, FileType::F32, FileType::F16).mmproj);
+    let find = |v: &[(TensorInfo, Vec<u8>)], name: &str| -> (TensorInfo, Vec<f32>) {
+        let (t, d) = v.iter().find(|(t, _)| t.name == name).unwrap();
+        (t.clone(), quant::to_f32(t.ty, d).unwrap())
+    };
+    let mut checked = 0;
+    for l in 0..2 {
+        let (fc1, fc1_b, fc2) = (
+            schema::vision_block(l, schema::vision::FC1_W),
+            schema::vision_block(l, schema::vision::FC1_B),
+            schema::vision_block(l, schema::vision::FC2_W),
+        );
+        for name in [&fc1, &fc1_b, &fc2] {
+            assert_eq!(
+                find(&f16, name).0.ne.iter().filter(|&&n| n == 80).count(),
+                1
+            );
+        }
+        // fc1: [48, 80] -> [48, 96]; rows 80.. are zero.
+        let ((te, e), (tq, q)) = (find(&exact, &fc1), find(&q8, &fc1));
+        assert_eq!((te.ne.clone(), tq.ne.clone()), (vec![48, 80], vec![48, 96]));
+        assert!(q[48 * 80..].iter().all(|&v| v == 0.0));
+        assert_close(&q[..48 * 80], &e, 48);
+        // fc1 bias: exact, then zeros.
+        let ((_, e), (tq, q)) = (find(&exact, &fc1_b), find(&q8, &fc1_b));
+        assert_eq!((tq.ne.clone(), tq.ty), (vec![96], GgmlType::F32));
+        assert_eq!(&q[..80], &e[..]);
+        assert!(q[80..].iter().all(|&v| v == 0.0));
+        // fc2: [80, 48] -> [96, 48], now Q8_0; columns 80.. of each row are zero.
+        let ((_, e), (tq, q)) = (find(&exact, &fc2), find(&q8, &fc2));
+        assert_eq!((tq.ne.clone(), tq.ty), (vec![96, 48], GgmlType::Q8_0));
+        for (r, row) in q.chunks(96).enumerate() {
+            assert!(row[80..].iter().all(|&v| v == 0.0));
+            assert_close(&row[..80], &e[r * 80..(r + 1) * 80], 80);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+}
+
+/// Each value within one Q8_0 step (amax / 127 of its block of 32; the scale is F16).
+fn assert_close(got: &[f32], want: &[f32], row: usize) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.chunks(row).zip(want.chunks(row)) {
+        for (gb, wb) in g.chunks(32).zip(w.chunks(32)) {
+            let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in gb.iter().zip(wb) {
+                assert!((a - b).abs() <= amax / 127.0 + 1e-6, "{a} vs {b}");
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use pali::preprocess::load_image;
-use pali::siglip::{VisionEncoder, VisionOutput};
+use pali::siglip::{Attention, VisionEncoder, VisionOutput};
 use pali::{GenerateOptions, LoadOptions, Model, ModelPaths};
 use pali_ggml::quant::FileType;
 
@@ -51,9 +51,16 @@ fn preprocessing_matches_hf_processor() {
 fn vision_tower_and_projector_match_hf() {
     for name in FIXTURES {
         let r = Reference::load(name);
-        for vt in [FileType::F32, FileType::F16] {
+        // Both attention paths (Auto picks MatMul at these sizes).
+        for (vt, att) in [
+            (FileType::F32, Attention::MatMul),
+            (FileType::F32, Attention::Fused),
+            (FileType::F16, Attention::Auto),
+            (FileType::Q8_0, Attention::Auto),
+        ] {
             let c = converted(name, FileType::F32, vt);
-            let enc = VisionEncoder::load(&c.mmproj, false, 1).unwrap();
+            let mut enc = VisionEncoder::load(&c.mmproj, false, 1).unwrap();
+            enc.set_attention(att);
             for img in r.images() {
                 let px = r.tensor(&format!("pixel_values.{img}"));
                 let tower = enc.encode(&px, VisionOutput::Tower).unwrap();
@@ -62,12 +69,19 @@ fn vision_tower_and_projector_match_hf() {
                 let dt = rel_diff(&tower, &r.tensor(&format!("vision.{img}")));
                 let dp = rel_diff(&proj, &r.tensor(&format!("projector.{img}")));
                 println!(
-                    "{name} {img} vision {}: relative error tower {dt:.2e}, projector {dp:.2e}",
+                    "{name} {img} vision {} {att:?}: relative error tower {dt:.2e}, projector {dp:.2e}",
                     vt.label()
                 );
                 // F32: float reassociation only. F16: ggml rounds activations to F16 in
                 // matmuls against F16 weights (~2^-11 per product, accumulated over layers).
-                let bound = if vt == FileType::F32 { 2e-5 } else { 1e-2 };
+                // Q8_0: activations are quantized to 8 bits per block of 32 too; these
+                // random high-gain fixtures amplify that (measured 0.009-0.16; tiny-swa-98's
+                // MLP is zero-padded 80 -> 96 and lies within the others' range).
+                let bound = match vt {
+                    FileType::F32 => 2e-5,
+                    FileType::F16 => 1e-2,
+                    _ => 0.25,
+                };
                 assert!(
                     dt < bound && dp < bound,
                     "{name} {img} {}: tower {dt}, projector {dp}",
@@ -232,8 +246,9 @@ fn quantized_types_agree_with_hf() {
         (FileType::F32, FileType::F16, 1.0, 1.0),
         (FileType::F16, FileType::F16, 1.0, 1.0),
         (FileType::Q8_0, FileType::F16, 6.0, 0.85),
-        // A Q8_0 vision tower runs its matmuls on Q8_0 activations too (for speed).
-        (FileType::Q8_0, FileType::Q8_0, 9.0, 0.7),
+        // A Q8_0 vision tower runs its matmuls on Q8_0 activations too (for speed), all of
+        // them since its MLP is padded to whole blocks (tiny-swa-98: 80 -> 96): 17/27.
+        (FileType::Q8_0, FileType::Q8_0, 9.0, 0.6),
         (FileType::Q4_0, FileType::F16, 30.0, 0.33),
         (FileType::Q4KM, FileType::F16, 30.0, 0.5),
     ] {

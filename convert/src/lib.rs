@@ -200,9 +200,25 @@ struct Planned<'a> {
     gguf_name: String,
     hf_name: String,
     entry: &'a TensorEntry,
+    /// Shape in the GGUF (ggml order), padding included.
     ne: Vec<i64>,
     fixup: Fixup,
     ty: GgmlType,
+    pad: Pad,
+}
+
+/// Zero padding on the way into GGUF (see [`pad_vision_ffn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pad {
+    None,
+    /// Each row of `from` values is extended with zeros to `ne[0]`.
+    RowTail {
+        from: usize,
+    },
+    /// `ne[1] - from` zero rows are appended after the `from` rows.
+    ExtraRows {
+        from: usize,
+    },
 }
 
 /// Finds the HF tensor for `suffix` under any of `prefixes`.
@@ -250,6 +266,7 @@ fn plan_one<'a>(
         ne,
         fixup,
         ty: GgmlType::F32,
+        pad: Pad::None,
     });
     Ok(())
 }
@@ -410,6 +427,30 @@ fn vision_plan<'a>(ckpt: &'a Checkpoint, cfg: &PaliGemmaConfig) -> Result<Vec<Pl
     Ok(out)
 }
 
+/// For a block-quantized vision type, pads the MLP width (SigLIP-So400m: 4304 = 134.5
+/// blocks of 32) to whole blocks with zeros: `fc1` gets zero rows and zero biases, `fc2`
+/// zero columns. GELU(0) = 0, so the tower computes exactly the same function, and `fc2`
+/// (a third of the tower's FLOPs) can be stored in the quantized type and run as an int8
+/// matmul instead of falling back to F16 (widened to F32 at run time): 2.5x its speed.
+/// Returns the padded width.
+fn pad_vision_ffn(vis: &mut [Planned], ffn: usize, block: usize) -> usize {
+    let padded = ffn.div_ceil(block) * block;
+    if padded == ffn {
+        return ffn;
+    }
+    for p in vis.iter_mut() {
+        let name = p.gguf_name.as_str();
+        if name.ends_with(schema::vision::FC1_W) {
+            p.ne[1] = padded as i64;
+            p.pad = Pad::ExtraRows { from: ffn };
+        } else if name.ends_with(schema::vision::FC1_B) || name.ends_with(schema::vision::FC2_W) {
+            p.ne[0] = padded as i64;
+            p.pad = Pad::RowTail { from: ffn };
+        }
+    }
+    padded
+}
+
 /// Checks that every checkpoint tensor is used (warns about the others).
 fn report_unused(ckpt: &Checkpoint, used: &[&Planned]) {
     let used: std::collections::HashSet<&str> = used.iter().map(|p| p.hf_name.as_str()).collect();
@@ -429,15 +470,20 @@ const CHUNK_BYTES: usize = 32 << 20;
 fn write_tensor(ckpt: &Checkpoint, p: &Planned, out: &mut dyn Write) -> Result<()> {
     let e = p.entry;
     let row = p.ne[0] as usize;
-    let n_rows = e.numel() / row;
-    let src_row_bytes = row * e.dtype.size();
+    let (src_row, extra_rows) = match p.pad {
+        Pad::None => (row, 0),
+        Pad::RowTail { from } => (from, 0),
+        Pad::ExtraRows { from } => (row, p.ne[1] as usize - from),
+    };
+    let n_rows = e.numel() / src_row;
+    let src_row_bytes = src_row * e.dtype.size();
     let rows_per_chunk = (CHUNK_BYTES / src_row_bytes).max(1);
     let bytes = ckpt.bytes(e);
     let tensor_err = |err: String| ConvertError::Tensor(format!("tensor {}: {err}", p.hf_name));
     for r0 in (0..n_rows).step_by(rows_per_chunk) {
         let r1 = (r0 + rows_per_chunk).min(n_rows);
         let src = &bytes[r0 * src_row_bytes..r1 * src_row_bytes];
-        if p.fixup == Fixup::None && e.dtype.ggml() == p.ty {
+        if p.fixup == Fixup::None && e.dtype.ggml() == p.ty && src_row == row {
             out.write_all(src)
                 .map_err(|err| tensor_err(err.to_string()))?;
         } else {
@@ -445,12 +491,28 @@ fn write_tensor(ckpt: &Checkpoint, p: &Planned, out: &mut dyn Write) -> Result<(
             if p.fixup == Fixup::AddOne {
                 vals.iter_mut().for_each(|v| *v += 1.0);
             }
+            if src_row != row {
+                vals = vals
+                    .chunks(src_row)
+                    .flat_map(|r| {
+                        r.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(0.0, row - src_row))
+                    })
+                    .collect();
+            }
             let conv =
                 quant::convert_f32(p.ty, &vals, row).map_err(|err| tensor_err(err.to_string()))?;
             out.write_all(&conv)
                 .map_err(|err| tensor_err(err.to_string()))?;
         }
         ckpt.release_range(e, r0 * src_row_bytes, r1 * src_row_bytes);
+    }
+    if extra_rows > 0 {
+        let zeros = quant::convert_f32(p.ty, &vec![0.0; extra_rows * row], row)
+            .map_err(|err| tensor_err(err.to_string()))?;
+        out.write_all(&zeros)
+            .map_err(|err| tensor_err(err.to_string()))?;
     }
     Ok(())
 }
@@ -569,6 +631,13 @@ pub fn convert(opts: &ConvertOptions, progress: ProgressFn) -> Result<ConvertOut
     // Vision: matrices in the vision type (Q8_0 only where rows fit its blocks); the patch
     // kernel stays F32 because an F16 weight makes ggml round the pixels to F16 too.
     let vty = opts.vision_type.matrix_type().expect("checked above");
+    if vty.is_quantized() {
+        let f = cfg.vision.intermediate_size;
+        let padded = pad_vision_ffn(&mut vis, f, vty.block_size() as usize);
+        if padded != f {
+            log::info!("vision MLP width {f} stored zero-padded to {padded} for {vty:?} blocks");
+        }
+    }
     for p in vis.iter_mut() {
         p.ty = if p.ne.len() != 2 || p.gguf_name == schema::vision::POS_EMBD {
             GgmlType::F32
