@@ -224,21 +224,37 @@ fn cli_detect_and_segment_with_the_bundled_model() {
     assert_eq!(v["image"]["width"], 61);
     assert_eq!(read_png(&drawn).dimensions(), (61, 37));
 
-    let out = pali(&["segment", &wide(), "cat", "--json", "-t", "1", "-n", "24"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // With explicit model files there is no mask decoder unless --vae names one; with the
+    // bundled model, its own (models/demo/vae-pali-demo.gguf) is used.
+    let paths = pali::default_model_paths(&root()).expect("bundled model in models/demo");
+    let (m, mm) = (
+        paths.decoder.display().to_string(),
+        paths.mmproj.display().to_string(),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for o in v["objects"].as_array().expect("objects array") {
-        assert_eq!(o["codes"].as_array().unwrap().len(), 16);
-        assert!(o["mask"].is_null());
+    let image = wide();
+    for explicit in [true, false] {
+        let mut args = vec!["segment", &image, "cat", "--json", "-t", "1", "-n", "24"];
+        if explicit {
+            args.extend(["-m", m.as_str(), "--mmproj", mm.as_str()]);
+        }
+        let out = pali(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for o in v["objects"].as_array().expect("objects array") {
+            assert_eq!(o["codes"].as_array().unwrap().len(), 16);
+            assert_eq!(o["mask"].is_null(), explicit, "{o}");
+        }
+        let warned = v["warnings"].as_array().unwrap().iter().any(|w| {
+            w.as_str()
+                .unwrap()
+                .contains("no VQ-VAE decoder loaded (--vae)")
+        });
+        assert_eq!(warned, explicit, "{v}");
     }
-    assert!(v["warnings"].as_array().unwrap().iter().any(|w| w
-        .as_str()
-        .unwrap()
-        .contains("no VQ-VAE decoder loaded (--vae)")));
 
     // An unwritable --draw target fails, names it, and leaves nothing behind.
     let bad = tmp("missing-dir/x.png");

@@ -503,11 +503,17 @@ fn cli_convert_vae_and_segment_with_masks() {
         .all(|p| p.0[0] == 0 || p.0[0] == 255));
     assert_eq!(image::open(&drawn).unwrap().width(), 61);
 
-    // --mask-out needs --vae; a bad --vae fails before the model runs.
+    // --mask-out needs a mask decoder: --vae, or the bundled model's own (not used with
+    // explicit model files); a bad --vae fails before the model runs.
+    let paths = pali::default_model_paths(&root()).expect("bundled model in models/demo");
     let out = pali(&[
         "segment",
         &wide,
         "cat",
+        "-m",
+        &paths.decoder.display().to_string(),
+        "--mmproj",
+        &paths.mmproj.display().to_string(),
         "--mask-out",
         &mask_png.display().to_string(),
     ]);

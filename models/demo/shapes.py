@@ -26,7 +26,8 @@ a ``targets.json`` with every target and ``set.jsonl``, a ``pali eval`` set (one
 image and task: ``caption en``, ``answer en how many shapes?``, ``detect <shape>`` for a
 shape the image contains, and, reported as their own tasks, ``detect <colour> <shape>`` for a
 present object and ``detect <shape> ; <other shape>``); ``python models/demo/shapes.py --examples`` rewrites the four
-images of ``examples/images/`` (see ``EXAMPLES``).
+images of ``examples/images/`` (see ``EXAMPLES``) and their ``truth.json`` (captions, boxes and
+masks as COCO RLE).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,8 @@ class Obj:
     shape: str
     colour: str
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels (x2, y2 exclusive)
+    # coverage >= 0.5, [h, w] bool over the whole image (the segmentation ground truth)
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def cx(self) -> float:
@@ -149,7 +152,7 @@ def make_scene(rng: random.Random, n: int | None = None, size: tuple[int, int] |
         img = img * (1 - a[..., None]) + col * a[..., None]
         ys, xs = np.nonzero(a >= 0.5)
         objs.append(Obj(shape, colour, (int(xs.min()), int(ys.min()),
-                                        int(xs.max()) + 1, int(ys.max()) + 1)))
+                                        int(xs.max()) + 1, int(ys.max()) + 1), a >= 0.5))
     objs.sort(key=lambda o: o.cx)
     image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
     return Scene(image, objs)
@@ -264,8 +267,26 @@ def write_examples(out: Path) -> dict[str, dict]:
                 break
         sc.image.save(out / name, format="PNG", optimize=False, compress_level=9)
         truth[name] = {"caption": caption(sc), "count": count(sc),
-                       "detect": {s: detect_target(sc, [s]) for s in SHAPES}}
+                       "detect": {s: detect_target(sc, [s]) for s in SHAPES},
+                       "objects": [{"shape": o.shape, "colour": o.colour, "box_xyxy": list(o.box),
+                                    "mask": {"size": [sc.size[1], sc.size[0]],
+                                             "counts": coco_rle(o.mask)}}
+                                   for o in sc.objects]}
+    (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     return truth
+
+
+def coco_rle(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE: column-major runs, starting with a run of zeros."""
+    flat = np.asarray(mask, bool).flatten(order="F")
+    counts, cur, run = [], False, 0
+    for v in flat:
+        if v != cur:
+            counts.append(run)
+            cur, run = v, 0
+        run += 1
+    counts.append(run)
+    return counts
 
 
 def main(argv: list[str]) -> None:
