@@ -99,8 +99,6 @@ pub struct LoadOptions {
     /// plus copies, for a reload per image and a ~20 % slower prefill. `None`: on when the machine's RAM is less than twice
     /// the two files plus 1 GiB (see [`LowMem::auto`]).
     pub low_mem: Option<bool>,
-    /// How the vision tower computes attention.
-    pub vision_attention: siglip::Attention,
 }
 
 impl Default for LoadOptions {
@@ -110,7 +108,6 @@ impl Default for LoadOptions {
             n_gpu_layers: 0,
             sliding_window: SlidingWindow::Off,
             low_mem: None,
-            vision_attention: siglip::Attention::Auto,
         }
     }
 }
@@ -322,12 +319,7 @@ impl Model {
             auto
         });
         let (mmproj, gpu, threads) = (paths.mmproj.clone(), opts.n_gpu_layers > 0, opts.threads);
-        let attention = opts.vision_attention;
-        let load_vision = move || {
-            let mut v = VisionEncoder::load(&mmproj, gpu, threads)?;
-            v.set_attention(attention);
-            Ok(v)
-        };
+        let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads);
         let (decoder_path, dopts) = (
             paths.decoder.clone(),
             DecoderOptions {

@@ -64,10 +64,6 @@ struct ModelArgs {
     /// auto = on when RAM < 2 × the two files + 1 GiB.
     #[arg(long = "low-mem", value_enum, default_value_t = LowMemArg::Auto)]
     low_mem: LowMemArg,
-    /// Vision attention: matmul (fast on CPUs; stores the N×N scores), fused (flash
-    /// attention: no score matrices), auto = matmul while they take ≤ 128 MiB (≤ 448 px).
-    #[arg(long = "vision-attention", value_enum, default_value_t = AttentionArg::Auto)]
-    vision_attention: AttentionArg,
     /// KV cache type: q8_0 halves its memory (1.4 -> 0.7 GiB for a 10B at 896 px) and turns
     /// on flash attention.
     #[arg(long = "cache-type", visible_alias = "ctk", value_enum, default_value_t = CacheTypeArg::F16)]
@@ -82,13 +78,6 @@ enum CacheTypeArg {
     F16,
     #[value(name = "q8_0")]
     Q8_0,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum AttentionArg {
-    Auto,
-    Fused,
-    Matmul,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -423,11 +412,6 @@ fn load_model(args: &ModelArgs) -> Result<(Model, f64), String> {
             LowMemArg::Auto => None,
             LowMemArg::On => Some(true),
             LowMemArg::Off => Some(false),
-        },
-        vision_attention: match args.vision_attention {
-            AttentionArg::Auto => pali::siglip::Attention::Auto,
-            AttentionArg::Fused => pali::siglip::Attention::Fused,
-            AttentionArg::Matmul => pali::siglip::Attention::MatMul,
         },
     };
     let model = Model::load(&paths, &opts).map_err(|e| e.to_string())?;

@@ -525,18 +525,6 @@ impl<'w> Graph<'w> {
         self.wrap(unsafe { sys::ggml_cast(self.ctx, a.raw, ty.0) })
     }
 
-    /// Swaps axes 0 and 1 (a view; [`Graph::cont`] it before a matmul).
-    pub fn transpose(&self, a: Tensor<'_>) -> Tensor<'_> {
-        // SAFETY: valid context and tensor.
-        self.wrap(unsafe { sys::ggml_transpose(self.ctx, a.raw) })
-    }
-
-    /// Row-wise `softmax(a · scale)` (no mask), in F32.
-    pub fn soft_max(&self, a: Tensor<'_>, scale: f32) -> Tensor<'_> {
-        // SAFETY: valid context and tensor; no mask, no ALiBi.
-        self.wrap(unsafe { sys::ggml_soft_max_ext(self.ctx, a.raw, ptr::null_mut(), scale, 0.0) })
-    }
-
     /// Unmasked attention `softmax(q·kᵀ·scale)·v` in one fused op, accumulating in F32.
     /// q, k, v: `[head_dim, tokens, heads]`. Result: `[head_dim, heads, tokens]`.
     pub fn flash_attn(
