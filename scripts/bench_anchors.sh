@@ -55,6 +55,7 @@ for r in $(seq "$ROUNDS"); do
     emit "{\"kind\":\"llama-bench\",\"label\":\"$TY\",\"round\":$r,\"pp\":$($LB -m "$GG/$NAME-$TY.gguf" -p "$NP" -n 0 -t "$T" -r 1 -fa 0 -o json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)[0]))'),\"tg\":$($LB -m "$GG/$NAME-$TY.gguf" -p 0 -n $N -d "$NP" -t "$T" -r 1 -fa 0 -o json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)[0]))')}"
   done
   pali_run "Q4_K_M+Q8_0 vision" "$GG/$NAME-Q4_K_M.gguf" "$MM8" --low-mem off
+  pali_run "Q4_0+Q8_0 vision" "$GG/$NAME-Q4_0.gguf" "$MM8" --low-mem off
   pali_run "Q4_K_M --low-mem" "$GG/$NAME-Q4_K_M.gguf" "$MM16" --low-mem on
 done
 

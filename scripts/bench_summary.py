@@ -103,11 +103,15 @@ def main(path: str) -> None:
             g = lambda k: med([x[k] for x in h])
             print(f"| {dt} | {len(h)} | {f(g('load_s'))} s | {f(g('vision_s'))} s | {f(g('prefill_s'))} s "
                   f"| {f(g('ttft_s'))} s | {f(g('decode_tok_s'))} tok/s | {f(g('peak_rss_mib') / 1024)} GiB |")
-        q4 = pali.get("Q4_K_M")
         h32 = [x for x in hf if x["dtype"] == "f32"]
-        if q4 and h32:
-            r = med([x["median_ttft_ms"] for x in q4]) / 1e3 / med([x["ttft_s"] for x in h32])
-            print(f"\npali Q4_K_M TTFT / HF f32 TTFT = {r:.2f}")
+        h16 = [x for x in hf if x["dtype"] == "bf16"]
+        if h32:
+            print("\n| pali | TTFT | / HF f32 TTFT | / HF bf16 TTFT |")
+            print("|---|---|---|---|")
+            for label, p in pali.items():
+                t = med([x["median_ttft_ms"] for x in p]) / 1e3
+                r16 = f"{t / med([x['ttft_s'] for x in h16]):.2f}" if h16 else "-"
+                print(f"| {label} | {t:.2f} s | {t / med([x['ttft_s'] for x in h32]):.2f} | {r16} |")
 
     if roof:
         s = roof["stream"]
@@ -138,6 +142,7 @@ def main(path: str) -> None:
             for label, key, ty_w, stage in [
                     ("F16 vision (widened to F32)", "Q4_K_M", "F32", "vision"),
                     ("Q8_0 vision (int8)", "Q4_K_M+Q8_0 vision", "Q8_0", "vision"),
+                    ("Q8_0 vision (int8), vs ggml's best type", "Q4_K_M+Q8_0 vision", "Q4_K", "vision"),
                     ("Q4_K_M decoder", "Q4_K_M", "Q4_K", "prefill"),
                     ("Q4_0 decoder", "Q4_0", "Q4_0", "prefill"),
                     ("Q8_0 decoder", "Q8_0", "Q8_0", "prefill")]:

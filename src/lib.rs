@@ -416,11 +416,12 @@ impl Model {
     }
 
     /// How many images a batch should encode before decoding them: 1, or in low-memory mode
-    /// as many as keep their features within 256 MiB (e.g. 109 at 224 px for a 3B, 1 at
-    /// 896 px for a 10B), so that the vision tower and the decoder are each loaded once per
-    /// group instead of once per image. See [`Model::encode_image`].
+    /// as many as keep their features within 64 MiB (e.g. 28 at 224 px for a 3B, but 1 at
+    /// 896 px for a 10B, whose 59 MB of features per image would add to its peak), so that
+    /// the vision tower and the decoder are each loaded once per group instead of once per
+    /// image. See [`Model::encode_image`].
     pub fn images_per_group(&self) -> usize {
-        const FEATURE_BUDGET: usize = 256 << 20;
+        const FEATURE_BUDGET: usize = 64 << 20;
         if self.low_mem {
             (FEATURE_BUDGET / (self.image_tokens * self.hidden * 4).max(1)).max(1)
         } else {
