@@ -218,6 +218,11 @@ impl<'m> LlamaContext<'m> {
             c.n_ctx = p.n_ctx;
             c.n_batch = p.n_batch;
             c.n_ubatch = p.n_batch;
+            // pali asks for logits at one position per batch (the prefix's last, then each
+            // new token). By default llama.cpp sizes its compute buffer for logits at every
+            // position of the largest batch: 257216 x 4100 floats = 4.2 GB for a 896 px
+            // prefix, which a GPU backend allocates for real.
+            c.n_outputs_max = 1;
             c.n_seq_max = 1;
             c.n_threads = p.threads;
             c.n_threads_batch = p.threads_batch;
