@@ -25,6 +25,7 @@ pub mod session;
 pub mod siglip;
 pub mod vae;
 
+pub use pali_ggml::llama::KvCacheType;
 pub use prompt::{
     parse_detections, parse_segments, DetectionBox, Detections, SegmentObject, Segments, Task,
 };
@@ -32,7 +33,7 @@ pub use session::{Sampling, SlidingWindow};
 pub use vae::{convert_vae, Mask, MaskDecoder};
 
 use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
-use session::{DecodeOptions, Decoder, DecoderFacts, DecoderOptions};
+use session::{DecodeOptions, Decoder, DecoderFacts, DecoderOptions, PrefixBatch};
 use siglip::{VisionEncoder, VisionOutput};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -176,11 +177,10 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Largest context (`-c`); 0 = just what the request needs.
     pub max_ctx: usize,
-    /// F32 KV cache (exactness checks).
-    pub kv_f32: bool,
-    /// Q8_0 KV cache (`--cache-type q8_0`): half the F16 cache's memory, which matters at
-    /// 896 px (1.4 GiB at F16 for a 10B); turns on flash attention, which llama.cpp needs for it.
-    pub kv_q8: bool,
+    /// KV cache type (`--cache-type`): F16 by default; F32 for exactness checks; Q8_0
+    /// halves the memory, which matters at 896 px (1.4 GiB at F16 for a 10B), Q4_0 quarters
+    /// it. Quantized types turn on flash attention, which llama.cpp needs for them.
+    pub kv_type: KvCacheType,
     /// Flash attention in the decoder: `None` = on for prefixes over
     /// [`session::FLASH_ATTN_AUTO_TOKENS`] tokens (the 896 px models, where the prefix's
     /// attention matrix would take gigabytes), off otherwise (it is less exact on the CPU).
@@ -197,8 +197,7 @@ impl Default for GenerateOptions {
             n_predict: 64,
             sampling: Sampling::default(),
             max_ctx: 0,
-            kv_f32: false,
-            kv_q8: false,
+            kv_type: KvCacheType::F16,
             flash_attn: None,
             ignore_eos: false,
             logprobs: false,
@@ -449,7 +448,7 @@ impl Model {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         let encoded = self.encode_image(image)?;
-        self.generate_encoded(&encoded, prompt, opts, on_text)
+        self.generate_encoded(encoded, prompt, opts, on_text)
     }
 
     /// The vision half of [`Model::generate`]: preprocessing and the vision tower.
@@ -466,18 +465,25 @@ impl Model {
         })
     }
 
-    /// The decoder half of [`Model::generate`], on an image from [`Model::encode_image`];
-    /// the timings include its preprocessing and vision time.
+    /// The decoder half of [`Model::generate`], on an image from [`Model::encode_image`]
+    /// (its features are freed once the prefix is built, before the decoder runs); the
+    /// timings include its preprocessing and vision time.
     pub fn generate_encoded(
         &self,
-        image: &EncodedImage,
+        image: EncodedImage,
         prompt: &str,
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let mut g = self.generate_from_features(&image.features, prompt, opts, on_text)?;
-        g.timings.preprocess_ms = image.preprocess_ms;
-        g.timings.vision_ms = image.vision_ms;
+        let EncodedImage {
+            features,
+            preprocess_ms,
+            vision_ms,
+        } = image;
+        let prefix = move |d: &Decoder| d.prefix(&features, prompt);
+        let mut g = self.decode_prefix(prefix, opts, on_text)?;
+        g.timings.preprocess_ms = preprocess_ms;
+        g.timings.vision_ms = vision_ms;
         Ok(g)
     }
 
@@ -490,25 +496,34 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let (prefix, g) = self.with_decoder(|decoder| {
-            let prefix = decoder.prefix(features, prompt)?;
+        self.decode_prefix(|d: &Decoder| d.prefix(features, prompt), opts, on_text)
+    }
+
+    /// Builds the prefix with `make_prefix` and generates from it.
+    fn decode_prefix(
+        &self,
+        make_prefix: impl FnOnce(&Decoder) -> Result<PrefixBatch>,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let (n_prefix, g) = self.with_decoder(|decoder| {
+            let prefix = make_prefix(decoder)?;
             let dopts = DecodeOptions {
                 threads: self.threads,
                 flash_attn: opts.flash_attn,
-                kv_f32: opts.kv_f32,
-                kv_q8: opts.kv_q8,
+                kv_type: opts.kv_type,
                 max_ctx: opts.max_ctx,
                 ignore_eos: opts.ignore_eos,
                 logprobs: opts.logprobs,
             };
             let g = decoder.generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
-            Ok((prefix, g))
+            Ok((prefix.len(), g))
         })?;
         let n_gen = g.tokens.len();
         let timings = Timings {
             prefill_ms: g.prefill_ms,
             decode_ms: g.decode_ms,
-            n_prefix: prefix.len(),
+            n_prefix,
             n_gen,
             decode_tok_s: if g.decode_ms > 0.0 {
                 g.decode_steps as f64 / (g.decode_ms / 1e3)

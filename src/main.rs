@@ -64,8 +64,8 @@ struct ModelArgs {
     /// auto = on when RAM < 2 × the two files + 1 GiB.
     #[arg(long = "low-mem", value_enum, default_value_t = LowMemArg::Auto)]
     low_mem: LowMemArg,
-    /// KV cache type: q8_0 halves its memory (1.4 -> 0.7 GiB for a 10B at 896 px) and turns
-    /// on flash attention.
+    /// KV cache type: q8_0 halves its memory (1.4 -> 0.7 GiB for a 10B at 896 px), q4_0
+    /// quarters it (less exact); both turn on flash attention.
     #[arg(long = "cache-type", visible_alias = "ctk", value_enum, default_value_t = CacheTypeArg::F16)]
     cache_type: CacheTypeArg,
     /// Print one JSON object per image instead of streaming text.
@@ -78,6 +78,8 @@ enum CacheTypeArg {
     F16,
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -433,7 +435,11 @@ fn gen_options(args: &ModelArgs) -> GenerateOptions {
             seed: args.seed,
         },
         max_ctx: args.ctx_size,
-        kv_q8: matches!(args.cache_type, CacheTypeArg::Q8_0),
+        kv_type: match args.cache_type {
+            CacheTypeArg::F16 => pali::KvCacheType::F16,
+            CacheTypeArg::Q8_0 => pali::KvCacheType::Q8_0,
+            CacheTypeArg::Q4_0 => pali::KvCacheType::Q4_0,
+        },
         ..Default::default()
     }
 }
@@ -711,7 +717,7 @@ fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<b
             if stream && many {
                 print!("{}: ", path.display());
             }
-            model.generate_encoded(&img, prompt, &opts, &mut |piece| {
+            model.generate_encoded(img, prompt, &opts, &mut |piece| {
                 if stream {
                     print!("{piece}");
                     let _ = stdout.flush();

@@ -3,7 +3,7 @@
 
 use crate::{Error, Result};
 use pali_ggml::gguf::GgufFile;
-use pali_ggml::llama::{ContextParams, LlamaContext, LlamaModel, ModelParams};
+use pali_ggml::llama::{ContextParams, KvCacheType, LlamaContext, LlamaModel, ModelParams};
 use pali_ggml::schema::{decoder as names, keys};
 use pali_ggml::GgmlType;
 use std::path::Path;
@@ -45,10 +45,8 @@ pub struct DecodeOptions {
     pub threads: i32,
     /// Flash attention in the decoder (`None` = automatic, see [`FLASH_ATTN_AUTO_TOKENS`]).
     pub flash_attn: Option<bool>,
-    /// F32 KV cache instead of F16 (slower, for exactness checks).
-    pub kv_f32: bool,
-    /// Q8_0 KV cache (half the memory; flash attention on).
-    pub kv_q8: bool,
+    /// KV cache type (quantized types turn flash attention on).
+    pub kv_type: KvCacheType,
     /// Largest context allowed (`-c`); 0 = prefix + n_predict.
     pub max_ctx: usize,
     /// Do not stop at `<eos>` (benchmarks generate exactly `n_predict` tokens).
@@ -404,8 +402,7 @@ impl Decoder {
             threads: opts.threads,
             threads_batch: opts.threads,
             flash_attn: opts.flash_attn.unwrap_or(n > FLASH_ATTN_AUTO_TOKENS),
-            kv_f32: opts.kv_f32,
-            kv_q8: opts.kv_q8,
+            kv_type: opts.kv_type,
         };
         let mut ctx = LlamaContext::new(&self.model, &params)?;
         let t0 = std::time::Instant::now();

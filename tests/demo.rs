@@ -296,10 +296,10 @@ fn closed_stdout_ends_quietly() {
     assert!(!out.status.success());
 }
 
-/// A Q8_0 KV cache (`--cache-type q8_0`, flash attention on) gives the same greedy captions
+/// Quantized KV caches (`--cache-type q8_0` / `q4_0`, flash attention on) give the same greedy captions
 /// as the default F16 cache on the bundled model.
 #[test]
-fn q8_0_kv_cache_gives_the_same_captions() {
+fn quantized_kv_caches_give_the_same_captions() {
     let run = |cache: &str| {
         let out = pali_cmd()
             .arg("caption")
@@ -320,4 +320,5 @@ fn q8_0_kv_cache_gives_the_same_captions() {
     let f16 = run("f16");
     assert_eq!(f16.lines().count(), 3, "{f16}");
     assert_eq!(run("q8_0"), f16);
+    assert_eq!(run("q4_0"), f16);
 }

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use pali::preprocess::load_image;
 use pali::siglip::{VisionEncoder, VisionOutput};
-use pali::{GenerateOptions, LoadOptions, Model, ModelPaths};
+use pali::{GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
 use pali_ggml::quant::FileType;
 
 fn model(name: &str, text: FileType, vision: FileType) -> Model {
@@ -135,8 +135,7 @@ fn text_only_decoder_matches_hf() {
             threads: 1,
             threads_batch: 1,
             flash_attn: false,
-            kv_f32: true,
-            kv_q8: false,
+            kv_type: KvCacheType::F32,
         };
         let mut ctx = LlamaContext::new(&lm, &params).unwrap();
         ctx.decode_tokens(&input, 0).unwrap();
@@ -163,12 +162,17 @@ struct CaseResult {
 
 /// Runs every case of a fixture (image × prompt, greedy as long as HF's) at the given types.
 fn agreement(name: &str, text: FileType, vision: FileType, kv_f32: bool) -> Vec<CaseResult> {
+    let kv_type = if kv_f32 {
+        KvCacheType::F32
+    } else {
+        KvCacheType::F16
+    };
     agreement_with(
         name,
         text,
         vision,
         GenerateOptions {
-            kv_f32,
+            kv_type,
             ..Default::default()
         },
     )
@@ -306,7 +310,7 @@ fn llama_cpp_window_differs_inside_the_prefix() {
     let image = load_image(&image_path("wide"), pali::MAX_IMAGE_PIXELS).unwrap();
     let opts = GenerateOptions {
         n_predict: 1,
-        kv_f32: true,
+        kv_type: KvCacheType::F32,
         ..Default::default()
     };
     let g = m
@@ -386,7 +390,7 @@ fn decoder_flash_attention_matches_hf() {
     for name in FIXTURES {
         let opts = GenerateOptions {
             flash_attn: Some(true),
-            kv_f32: true,
+            kv_type: KvCacheType::F32,
             ..Default::default()
         };
         for c in agreement_with(name, FileType::F32, FileType::F32, opts) {
