@@ -117,13 +117,7 @@ impl TokenEmbeddings {
 /// The loaded decoder: llama.cpp model, HF tokenizer and vocabulary facts.
 pub struct Decoder {
     model: LlamaModel,
-    embeddings: TokenEmbeddings,
-    tokenizer: tokenizers::Tokenizer,
-    /// Ids at or above this are padding / `<image>` and are never generated.
-    vocab_real: usize,
-    bos: u32,
-    newline: Vec<u32>,
-    stop: Vec<u32>,
+    header: DecoderHeader,
     hidden: usize,
     sliding_window: SlidingWindow,
 }
@@ -201,6 +195,7 @@ impl Default for Sampling {
 struct DecoderHeader {
     embeddings: TokenEmbeddings,
     tokenizer: tokenizers::Tokenizer,
+    /// Ids at or above this are padding / `<image>` and are never generated.
     vocab_real: usize,
     bos: u32,
     newline: Vec<u32>,
@@ -311,12 +306,7 @@ impl Decoder {
         }
         Ok(Decoder {
             model,
-            embeddings: h.embeddings,
-            tokenizer: h.tokenizer,
-            vocab_real: h.vocab_real,
-            bos: h.bos,
-            newline: h.newline,
-            stop: h.stop,
+            header: h,
             hidden,
             sliding_window: opts.sliding_window,
         })
@@ -334,7 +324,7 @@ impl Decoder {
 
     /// The HF tokenizer.
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
-        &self.tokenizer
+        &self.header.tokenizer
     }
 
     /// The llama.cpp model (for text-only checks).
@@ -345,6 +335,7 @@ impl Decoder {
     /// Tokenizes prompt text (no special tokens added).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self
+            .header
             .tokenizer
             .encode(text, false)
             .map_err(|e| Error::Model(format!("tokenizer: {e}")))?
@@ -365,12 +356,12 @@ impl Decoder {
         let n_image = image_features.len() / self.hidden;
         let mut rows = image_features.to_vec();
         crate::projector::to_decoder_input(&mut rows, self.hidden);
-        let mut text_ids = vec![self.bos];
+        let mut text_ids = vec![self.header.bos];
         text_ids.extend(self.tokenize(prompt)?);
-        text_ids.extend(&self.newline);
+        text_ids.extend(&self.header.newline);
         for &id in &text_ids {
             // llama.cpp scales these by √hidden itself, exactly as for token-id input.
-            rows.extend(self.embeddings.row(id)?);
+            rows.extend(self.header.embeddings.row(id)?);
         }
         Ok(PrefixBatch {
             rows,
@@ -416,12 +407,12 @@ impl Decoder {
         };
         let mut shown = String::new();
         for step in 0..n_predict {
-            let logits = &ctx.logits()[..self.vocab_real];
+            let logits = &ctx.logits()[..self.header.vocab_real];
             if step == 0 {
                 out.first_logits = logits.to_vec();
             }
             let tok = sample(logits, sampling, &mut rng);
-            if self.stop.contains(&tok) && !opts.ignore_eos {
+            if self.header.stop.contains(&tok) && !opts.ignore_eos {
                 break;
             }
             out.tokens.push(tok);
@@ -430,6 +421,7 @@ impl Decoder {
                     .push(log_softmax_at(logits, tok as usize));
             }
             let text = self
+                .header
                 .tokenizer
                 .decode(&out.tokens, true)
                 .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;

@@ -279,14 +279,9 @@ def write_examples(out: Path) -> dict[str, dict]:
 def coco_rle(mask: np.ndarray) -> list[int]:
     """COCO's uncompressed RLE: column-major runs, starting with a run of zeros."""
     flat = np.asarray(mask, bool).flatten(order="F")
-    counts, cur, run = [], False, 0
-    for v in flat:
-        if v != cur:
-            counts.append(run)
-            cur, run = v, 0
-        run += 1
-    counts.append(run)
-    return counts
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], edges, [flat.size]))).tolist()
+    return [0] + runs if flat[0] else runs
 
 
 def main(argv: list[str]) -> None:
