@@ -33,7 +33,7 @@ pub use session::{Sampling, SlidingWindow};
 pub use vae::{convert_vae, Mask, MaskDecoder};
 
 use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
-use session::{DecodeOptions, Decoder, DecoderFacts, DecoderOptions, PrefixBatch};
+use session::{DecodeOptions, Decoder, DecoderOptions, PrefixBatch};
 use siglip::{VisionEncoder, VisionOutput};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -337,10 +337,7 @@ impl Model {
             (None, Decoder::probe(&paths.decoder)?)
         } else {
             let d = load_decoder()?;
-            let facts = DecoderFacts {
-                hidden: d.hidden(),
-                loc_token: d.tokenizer().token_to_id("<loc0000>"),
-            };
+            let facts = d.facts();
             (Some(d), facts)
         };
         let vc = vision.config();

@@ -203,6 +203,13 @@ struct DecoderHeader {
 }
 
 impl DecoderHeader {
+    fn facts(&self) -> DecoderFacts {
+        DecoderFacts {
+            hidden: self.embeddings.width,
+            loc_token: self.tokenizer.token_to_id("<loc0000>"),
+        }
+    }
+
     fn read(path: &Path) -> Result<Self> {
         let f = GgufFile::open(path)?;
         let arch = f.get_str(keys::ARCHITECTURE)?;
@@ -277,11 +284,12 @@ impl Decoder {
     /// its hidden size and `<loc0000>` id, without loading the weights (llama.cpp reads
     /// the whole file when it loads one: 5.8 GB for a 10B Q4_K_M).
     pub fn probe(path: &Path) -> Result<DecoderFacts> {
-        let h = DecoderHeader::read(path)?;
-        Ok(DecoderFacts {
-            hidden: h.embeddings.width,
-            loc_token: h.tokenizer.token_to_id("<loc0000>"),
-        })
+        Ok(DecoderHeader::read(path)?.facts())
+    }
+
+    /// The same facts for a loaded decoder.
+    pub fn facts(&self) -> DecoderFacts {
+        self.header.facts()
     }
 
     /// Loads the decoder GGUF, refusing files that are not pali/llama.cpp gemma2 decoders.
