@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""HF transformers anchor for the pali benchmark: PaliGemma 2 on CPU, f32 or bf16.
+"""HF transformers anchor for the pali benchmark: PaliGemma 2 on CPU (or a GPU), f32 or bf16.
 
 Usage:
 
-    python3 scripts/hf_bench.py CKPT_DIR IMAGE --dtype f32|bf16 --threads T \
+    python3 scripts/hf_bench.py CKPT_DIR IMAGE --dtype f32|bf16 --threads T [--device cuda] \
         --n-predict 32 --prompt "caption en" [--runs R] [--warmup W] [--print-text] \
         [--check-generate]
 
@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("image", help="image file")
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda); on a GPU every timer waits for the GPU")
     p.add_argument("--n-predict", type=int, default=32)
     p.add_argument("--prompt", default="caption en")
     p.add_argument("--runs", type=int, default=1, help="timed runs (one JSON line each)")
@@ -92,9 +94,18 @@ def main() -> int:
 
     t0 = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(args.ckpt, dtype=dtype)
+    model.to(args.device)
     model.eval()
+    dev = torch.device(args.device)
+
+    def now() -> float:
+        # GPU work is asynchronous: a timer reads the clock only once the GPU is done.
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     processor = AutoProcessor.from_pretrained(args.ckpt)
-    load_s = time.perf_counter() - t0
+    load_s = now() - t0
 
     with Image.open(args.image) as im:
         im.load()
@@ -107,35 +118,35 @@ def main() -> int:
             "vision": model.config.vision_config._attn_implementation}
 
     def one_run() -> dict:
-        t = time.perf_counter()
+        t = now()
         enc = processor(text=text, images=image.convert("RGB"), return_tensors="pt")
-        input_ids = enc["input_ids"]
-        token_type_ids = enc["token_type_ids"]
-        pixel_values = enc["pixel_values"].to(dtype)
-        preprocess_s = time.perf_counter() - t
+        input_ids = enc["input_ids"].to(dev)
+        token_type_ids = enc["token_type_ids"].to(dev)
+        pixel_values = enc["pixel_values"].to(dev, dtype)
+        preprocess_s = now() - t
 
-        t = time.perf_counter()
+        t = now()
         feats = model.get_image_features(pixel_values).pooler_output
-        vision_s = time.perf_counter() - t
+        vision_s = now() - t
         del feats
 
-        t = time.perf_counter()
+        t = now()
         out = model(input_ids=input_ids, pixel_values=pixel_values,
                     attention_mask=torch.ones_like(input_ids), token_type_ids=token_type_ids,
                     use_cache=True, logits_to_keep=1)
         tok = int(torch.argmax(out.logits[0, -1]))
-        prefill_s = time.perf_counter() - t
+        prefill_s = now() - t
         cache = out.cache
         tokens = [tok]
 
-        t = time.perf_counter()
+        t = now()
         for _ in range(n - 1):
-            out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(input_ids=torch.tensor([[tok]], device=dev), cache=cache,
+                        use_cache=True, logits_to_keep=1)
             cache = out.cache
             tok = int(torch.argmax(out.logits[0, -1]))
             tokens.append(tok)
-        decode_s = time.perf_counter() - t
+        decode_s = now() - t
 
         return {
             "preprocess_s": preprocess_s, "vision_s": vision_s, "prefill_s": prefill_s,
@@ -153,7 +164,8 @@ def main() -> int:
         for r in range(args.runs):
             res = one_run()
             tokens, last = res.pop("_tokens"), res.pop("_enc")
-            row = {"dtype": args.dtype, "threads": args.threads, "run": r, "load_s": load_s}
+            row = {"dtype": args.dtype, "device": args.device, "threads": args.threads,
+                   "run": r, "load_s": load_s}
             row.update(res)
             row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             row["attn"] = attn
@@ -165,10 +177,10 @@ def main() -> int:
 
         if args.check_generate:
             enc = last
-            g = model.generate(input_ids=enc["input_ids"],
-                               pixel_values=enc["pixel_values"].to(dtype),
-                               attention_mask=torch.ones_like(enc["input_ids"]),
-                               token_type_ids=enc["token_type_ids"],
+            g = model.generate(input_ids=enc["input_ids"].to(dev),
+                               pixel_values=enc["pixel_values"].to(dev, dtype),
+                               attention_mask=torch.ones_like(enc["input_ids"]).to(dev),
+                               token_type_ids=enc["token_type_ids"].to(dev),
                                do_sample=False, max_new_tokens=n)
             gen = g[0, enc["input_ids"].shape[1]:].tolist()
             cut = next((i + 1 for i, x in enumerate(tokens) if x in eos_ids), len(tokens))

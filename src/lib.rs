@@ -224,6 +224,10 @@ pub struct Timings {
     /// logits come from the prefix) per second, sampling included; what llama-bench's `tg`
     /// counts.
     pub decode_tok_s: f64,
+    /// Resident memory right after the prefix was decoded, when llama.cpp's compute buffer
+    /// for the whole prefix, the KV cache and the decoder's weights are all in use: the
+    /// peak's make-up.
+    pub memory_after_prefill: Option<MemoryUse>,
 }
 
 /// A finished generation.
@@ -519,6 +523,7 @@ impl Model {
         let n_gen = g.tokens.len();
         let timings = Timings {
             prefill_ms: g.prefill_ms,
+            memory_after_prefill: g.memory_after_prefill,
             decode_ms: g.decode_ms,
             n_prefix,
             n_gen,
@@ -541,6 +546,35 @@ impl Model {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// This process's resident memory in MiB, split into anonymous pages (heap, KV cache, compute
+/// buffers: what must fit in RAM) and file-backed pages (the memory-mapped model files, which
+/// the kernel can drop and read again under memory pressure). Linux only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MemoryUse {
+    /// Resident set size (`VmRSS`).
+    pub rss_mib: f64,
+    /// Anonymous resident pages (`RssAnon`).
+    pub anon_mib: f64,
+    /// File-backed resident pages (`RssFile`), e.g. mapped weights.
+    pub file_mib: f64,
+}
+
+impl MemoryUse {
+    /// The current split, if `/proc/self/status` has it.
+    pub fn now() -> Option<Self> {
+        let s = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb = |key: &str| -> Option<f64> {
+            let line = s.lines().find(|l| l.starts_with(key))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        };
+        Some(MemoryUse {
+            rss_mib: kb("VmRSS:")? / 1024.0,
+            anon_mib: kb("RssAnon:")? / 1024.0,
+            file_mib: kb("RssFile:")? / 1024.0,
+        })
+    }
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.

@@ -475,7 +475,8 @@ fn expand_images(inputs: &[PathBuf]) -> Vec<PathBuf> {
 fn timings_json(load_ms: f64, t: &pali::Timings) -> serde_json::Value {
     serde_json::json!({ "load_ms": load_ms, "preprocess_ms": t.preprocess_ms,
         "vision_ms": t.vision_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms,
-        "n_prefix": t.n_prefix, "n_gen": t.n_gen, "decode_tok_s": t.decode_tok_s })
+        "n_prefix": t.n_prefix, "n_gen": t.n_gen, "decode_tok_s": t.decode_tok_s,
+        "memory_after_prefill": t.memory_after_prefill })
 }
 
 /// Output files and the mask decoder of `pali detect` / `pali segment`.

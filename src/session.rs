@@ -156,6 +156,8 @@ pub struct Generated {
     pub first_logits: Vec<f32>,
     /// Prefix decode time.
     pub prefill_ms: f64,
+    /// Resident memory right after the prefix was decoded.
+    pub memory_after_prefill: Option<crate::MemoryUse>,
     /// Token-by-token phase: sampling every token, and one llama.cpp decode per token
     /// after the first (whose logits come from the prefix).
     pub decode_ms: f64,
@@ -407,10 +409,20 @@ impl Decoder {
         let t0 = std::time::Instant::now();
         ctx.decode_embeddings(&prefix.rows, 0, false)?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let memory_after_prefill = crate::MemoryUse::now();
+        if let Some(m) = memory_after_prefill {
+            log::info!(
+                "after the prefix: resident {:.0} MiB = {:.0} MiB anonymous (KV cache, compute buffers, heap) + {:.0} MiB file-backed (mapped weights)",
+                m.rss_mib,
+                m.anon_mib,
+                m.file_mib
+            );
+        }
         let t1 = std::time::Instant::now();
         let mut rng = SplitMix64(sampling.seed);
         let mut out = Generated {
             prefill_ms,
+            memory_after_prefill,
             ..Default::default()
         };
         let mut shown = String::new();

@@ -138,6 +138,16 @@ fn cli_captions_with_the_bundled_model() {
     // 64 image tokens + <bos> + "caption en" (2 tokens) + "\n"
     assert_eq!(v["timings"]["n_prefix"], 68);
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    // The memory split after the prefix: the mapped model files are file-backed pages, the
+    // KV cache and compute buffers anonymous ones; together (with shared memory) the RSS.
+    let m = &v["timings"]["memory_after_prefill"];
+    let (rss, anon, file) = (
+        m["rss_mib"].as_f64().unwrap(),
+        m["anon_mib"].as_f64().unwrap(),
+        m["file_mib"].as_f64().unwrap(),
+    );
+    assert!(anon > 1.0 && file > 1.0 && anon + file <= rss + 0.01, "{m}");
+    assert!(rss <= v["peak_rss_mb"].as_f64().unwrap() + 0.01, "{v}");
 
     let out = pali_cmd()
         .args(["caption", "/nonexistent/cat.jpg"])

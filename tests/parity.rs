@@ -25,11 +25,6 @@ const LOGIT_TOL: f32 = 5e-2;
 /// The same with flash attention in the decoder.
 const FA_LOGIT_TOL: f32 = 0.3;
 
-fn rel_diff(ours: &[f32], reference: &[f32]) -> f32 {
-    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-    max_abs_diff(ours, reference) / scale
-}
-
 #[test]
 fn preprocessing_matches_hf_processor() {
     for name in FIXTURES {
@@ -146,20 +141,6 @@ fn text_only_decoder_matches_hf() {
     }
 }
 
-/// One fixture case run through pali and compared with HF.
-struct CaseResult {
-    image: String,
-    prompt: String,
-    /// First-step max |Δlogit| over the real vocabulary.
-    logit_diff: f32,
-    first_token_equal: bool,
-    /// Greedy tokens equal before the first divergence.
-    agreed: usize,
-    total: usize,
-    /// HF's top-1/top-2 margin at the step where pali diverged (∞ if it did not).
-    margin_at_divergence: f32,
-}
-
 /// Runs every case of a fixture (image × prompt, greedy as long as HF's) at the given types.
 fn agreement(name: &str, text: FileType, vision: FileType, kv_f32: bool) -> Vec<CaseResult> {
     let kv_type = if kv_f32 {
@@ -184,50 +165,7 @@ fn agreement_with(
     vision: FileType,
     base: GenerateOptions,
 ) -> Vec<CaseResult> {
-    let r = Reference::load(name);
-    let m = model(name, text, vision);
-    let prompts: Vec<String> = r.json["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().into())
-        .collect();
-    r.cases()
-        .iter()
-        .map(|case| {
-            let img = case["image"].as_str().unwrap();
-            let k = case["prompt_index"].as_u64().unwrap() as usize;
-            let want: Vec<u32> = ids(&case["greedy"])
-                .into_iter()
-                .filter(|&t| t != 1)
-                .collect();
-            let image = load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
-            let opts = GenerateOptions {
-                n_predict: want.len(),
-                ..base.clone()
-            };
-            let g = m.generate(&image, &prompts[k], &opts, &mut |_| {}).unwrap();
-            let hf = r.tensor(&format!("logits.{img}.{k}"));
-            let agreed = g
-                .tokens
-                .iter()
-                .zip(&want)
-                .take_while(|(a, b)| a == b)
-                .count();
-            CaseResult {
-                image: img.to_string(),
-                prompt: prompts[k].clone(),
-                logit_diff: max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]),
-                first_token_equal: g.tokens.first() == want.first(),
-                agreed,
-                total: want.len(),
-                margin_at_divergence: floats(&case["margins"])
-                    .get(agreed)
-                    .copied()
-                    .unwrap_or(f32::INFINITY),
-            }
-        })
-        .collect()
+    run_cases(&model(name, text, vision), name, base)
 }
 
 /// F16 decoder + F16 vision (the default files): greedy identical to HF except right after a

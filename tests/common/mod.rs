@@ -147,6 +147,74 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
+/// Max |difference| relative to the largest reference value.
+pub fn rel_diff(ours: &[f32], reference: &[f32]) -> f32 {
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    max_abs_diff(ours, reference) / scale
+}
+
+/// One fixture case run through pali and compared with HF.
+pub struct CaseResult {
+    pub image: String,
+    pub prompt: String,
+    /// First-step max |Δlogit| over the real vocabulary.
+    pub logit_diff: f32,
+    pub first_token_equal: bool,
+    /// Greedy tokens equal before the first divergence.
+    pub agreed: usize,
+    pub total: usize,
+    /// HF's top-1/top-2 margin at the step where pali diverged (∞ if it did not).
+    pub margin_at_divergence: f32,
+}
+
+/// Runs every case of fixture `name` (image × prompt, greedy as long as HF's) on `m`.
+pub fn run_cases(m: &pali::Model, name: &str, base: pali::GenerateOptions) -> Vec<CaseResult> {
+    let r = Reference::load(name);
+    let prompts: Vec<String> = r.json["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().into())
+        .collect();
+    r.cases()
+        .iter()
+        .map(|case| {
+            let img = case["image"].as_str().unwrap();
+            let k = case["prompt_index"].as_u64().unwrap() as usize;
+            let want: Vec<u32> = ids(&case["greedy"])
+                .into_iter()
+                .filter(|&t| t != 1)
+                .collect();
+            let image =
+                pali::preprocess::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
+            let opts = pali::GenerateOptions {
+                n_predict: want.len(),
+                ..base.clone()
+            };
+            let g = m.generate(&image, &prompts[k], &opts, &mut |_| {}).unwrap();
+            let hf = r.tensor(&format!("logits.{img}.{k}"));
+            let agreed = g
+                .tokens
+                .iter()
+                .zip(&want)
+                .take_while(|(a, b)| a == b)
+                .count();
+            CaseResult {
+                image: img.to_string(),
+                prompt: prompts[k].clone(),
+                logit_diff: max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]),
+                first_token_equal: g.tokens.first() == want.first(),
+                agreed,
+                total: want.len(),
+                margin_at_divergence: floats(&case["margins"])
+                    .get(agreed)
+                    .copied()
+                    .unwrap_or(f32::INFINITY),
+            }
+        })
+        .collect()
+}
+
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }

@@ -1,0 +1,138 @@
+//! pali on a GPU backend against HF transformers and against pali on the CPU. Compiled only
+//! into GPU builds (`--features cuda|vulkan|metal`), where a GPU must be present: these tests
+//! fail, not skip, on a GPU build without one.
+#![cfg(any(feature = "cuda", feature = "vulkan", feature = "metal"))]
+
+mod common;
+use common::*;
+use pali::siglip::{VisionEncoder, VisionOutput};
+use pali::{GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
+use pali_ggml::quant::FileType;
+
+fn gpu_model(name: &str, text: FileType, vision: FileType) -> Model {
+    let c = converted(name, text, vision);
+    let m = Model::load(
+        &ModelPaths::new(c.decoder, c.mmproj),
+        &LoadOptions {
+            threads: 1,
+            n_gpu_layers: 999,
+            low_mem: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(
+        m.vision_backend(),
+        "CPU",
+        "the vision tower must follow the decoder onto the GPU"
+    );
+    m
+}
+
+#[test]
+fn vision_tower_on_the_gpu_matches_hf() {
+    for name in FIXTURES {
+        let r = Reference::load(name);
+        for vt in [FileType::F32, FileType::F16, FileType::Q8_0] {
+            let c = converted(name, FileType::F32, vt);
+            let enc = VisionEncoder::load(&c.mmproj, true, 1).unwrap();
+            assert_ne!(enc.backend_name(), "CPU");
+            for img in r.images() {
+                let px = r.tensor(&format!("pixel_values.{img}"));
+                let tower = enc.encode(&px, VisionOutput::Tower).unwrap();
+                let proj = enc.encode(&px, VisionOutput::Projected).unwrap();
+                let dt = rel_diff(&tower, &r.tensor(&format!("vision.{img}")));
+                let dp = rel_diff(&proj, &r.tensor(&format!("projector.{img}")));
+                println!(
+                    "{name} {img} vision {} on {}: relative error tower {dt:.2e}, projector {dp:.2e}",
+                    vt.label(),
+                    enc.backend_name()
+                );
+                // The CPU bounds (tests/parity.rs), except F32: GPU flash attention computes
+                // in F16 whatever the weights' type.
+                let bound = match vt {
+                    FileType::F32 | FileType::F16 => 1e-2,
+                    _ => 0.25,
+                };
+                assert!(
+                    dt < bound && dp < bound,
+                    "{name} {img} {}: tower {dt}, projector {dp}",
+                    vt.label()
+                );
+            }
+        }
+    }
+}
+
+/// Every case of every fixture with the whole model on the GPU: first-step logits and greedy
+/// tokens against HF's.
+#[test]
+fn whole_model_on_the_gpu_matches_hf() {
+    for (text, vision, kv_type, logit_bound) in [
+        (FileType::F32, FileType::F32, KvCacheType::F32, 0.3),
+        (FileType::F16, FileType::F16, KvCacheType::F16, 1.0),
+        (FileType::Q8_0, FileType::F16, KvCacheType::F16, 6.0),
+    ] {
+        for name in FIXTURES {
+            let m = gpu_model(name, text, vision);
+            let opts = GenerateOptions {
+                kv_type,
+                ..Default::default()
+            };
+            for c in run_cases(&m, name, opts) {
+                println!(
+                    "{name} {} {:?} decoder {} vision {} on {}: first-step |dlogit| {:.3e}, greedy {}/{}",
+                    c.image,
+                    c.prompt,
+                    text.label(),
+                    vision.label(),
+                    m.vision_backend(),
+                    c.logit_diff,
+                    c.agreed,
+                    c.total
+                );
+                assert!(
+                    c.logit_diff < logit_bound,
+                    "{name} {} {:?} {}: logits differ by {}",
+                    c.image,
+                    c.prompt,
+                    text.label(),
+                    c.logit_diff
+                );
+                // A divergence is only acceptable right after a near-tie in HF's own logits.
+                if text != FileType::Q8_0 {
+                    assert!(
+                        c.agreed == c.total || c.margin_at_divergence < logit_bound,
+                        "{name} {} {:?}: diverged at step {} (HF margin {})",
+                        c.image,
+                        c.prompt,
+                        c.agreed,
+                        c.margin_at_divergence
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The bundled demo model captions the example images the same on the GPU as on the CPU.
+#[test]
+fn demo_captions_on_the_gpu_equal_the_cpu() {
+    let dir = root().join("examples/images");
+    let mut images: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .map(|p| path_str(&p))
+        .collect();
+    images.sort();
+    assert!(!images.is_empty());
+    let bench = pali_json(&["bench", &images[0], "-r", "1", "-ngl", "99"]);
+    assert_ne!(bench["vision_backend"], "CPU", "{bench}");
+    for img in &images {
+        let cpu = pali_json(&["caption", img]);
+        let gpu = pali_json(&["caption", img, "-ngl", "99"]);
+        println!("{img}: cpu {:?} gpu {:?}", cpu["text"], gpu["text"]);
+        assert_eq!(cpu["text"], gpu["text"], "{img}");
+    }
+}
