@@ -42,15 +42,15 @@ grep -E "offloaded|CUDA0 model buffer|using device" "$OUT/demo_gpu.log" | head -
 
 # 2. tests/gpu.rs: vision tower, whole model and the CLI on the GPU against HF and the CPU.
 TEST=$(ls "$BIN"/gpu-* | head -1)
-step gpu_tests 300 "$TEST" --test-threads 1 --nocapture
+step gpu_tests 200 "$TEST" --test-threads 1 --nocapture
 [ "$QUICK" = quick ] && exit $status
 
 # 3. Speed: a full-size random 3B-224, Q4_K_M decoder + F16 tower, all on the GPU, against HF
 #    transformers bf16 on the same GPU; same image, prompt, greedy 32 tokens.
 BIG=/tmp/pg2-3b-224 CONV=/tmp/out-3b-224
-step make_3b 240 python3 models/make_big_checkpoint.py 3b-224 "$BIG" || exit 1
-step convert_3b 240 "$BIN/pali" convert "$BIG" -o "$CONV" --type q4_k_m --vision-type f16 --force --quiet || exit 1
+step make_3b 150 python3 models/make_big_checkpoint.py 3b-224 "$BIG" || exit 1
+step convert_3b 200 "$BIN/pali" convert "$BIG" -o "$CONV" --type q4_k_m --vision-type f16 --force --quiet || exit 1
 DEC=$(ls "$CONV"/*Q4_K_M.gguf) MMP=$(ls "$CONV"/mmproj-*F16.gguf)
-step pali_bench_3b 120 "$BIN/pali" bench "$IMG" -m "$DEC" --mmproj "$MMP" -ngl 99 -n 32 -r 5 --json
-step hf_bench_3b 240 python3 scripts/hf_bench.py "$BIG" "$IMG" --device cuda --dtype bf16 --n-predict 32 --runs 3
+step pali_bench_3b 90 "$BIN/pali" bench "$IMG" -m "$DEC" --mmproj "$MMP" -ngl 99 -n 32 -r 5 --json
+step hf_bench_3b 150 python3 scripts/hf_bench.py "$BIG" "$IMG" --device cuda --dtype bf16 --n-predict 32 --runs 3
 exit $status

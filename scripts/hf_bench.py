@@ -117,6 +117,14 @@ def main() -> int:
     attn = {"text": model.config.text_config._attn_implementation,
             "vision": model.config.vision_config._attn_implementation}
 
+    # transformers renamed past_key_values to cache (5.2x); accept either.
+    import inspect
+    cache_kw = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                else "past_key_values")
+
+    def cache_of(out):
+        return out.cache if hasattr(out, "cache") else out.past_key_values
+
     def one_run() -> dict:
         t = now()
         enc = processor(text=text, images=image.convert("RGB"), return_tensors="pt")
@@ -136,14 +144,14 @@ def main() -> int:
                     use_cache=True, logits_to_keep=1)
         tok = int(torch.argmax(out.logits[0, -1]))
         prefill_s = now() - t
-        cache = out.cache
+        cache = cache_of(out)
         tokens = [tok]
 
         t = now()
         for _ in range(n - 1):
-            out = model(input_ids=torch.tensor([[tok]], device=dev), cache=cache,
+            out = model(input_ids=torch.tensor([[tok]], device=dev), **{cache_kw: cache},
                         use_cache=True, logits_to_keep=1)
-            cache = out.cache
+            cache = cache_of(out)
             tok = int(torch.argmax(out.logits[0, -1]))
             tokens.append(tok)
         decode_s = now() - t

@@ -826,6 +826,16 @@ fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// llama.cpp's multi-letter single-dash flags (`-ngl 99`, `-ctk q8_0`), which users type from
+/// habit but clap cannot declare (a short flag is one letter): rewritten to their long names.
+fn llama_cpp_flag(arg: std::ffi::OsString) -> std::ffi::OsString {
+    match arg.to_str() {
+        Some("-ngl") => "--n-gpu-layers".into(),
+        Some("-ctk") => "--cache-type".into(),
+        _ => arg,
+    }
+}
+
 fn main() -> ExitCode {
     pali_ggml::default_sigpipe();
     env_logger::Builder::from_env(
@@ -833,7 +843,7 @@ fn main() -> ExitCode {
     )
     .format_timestamp(None)
     .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(std::env::args_os().map(llama_cpp_flag));
     let res: Result<bool, String> = match cli.cmd {
         Command::Convert {
             hf_dir,

@@ -140,11 +140,23 @@ pub enum VisionOutput {
     Projected,
 }
 
+/// How the tower computes attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// ggml's fused flash attention wherever the backend has a kernel for the shape (every
+    /// CPU; on CUDA some head sizes, SigLIP's 72 among them), else [`AttentionKernel::Plain`].
+    #[default]
+    Auto,
+    /// Explicit `softmax(q·kᵀ·scale)·v`, storing the `tokens² × heads` scores.
+    Plain,
+}
+
 /// The SigLIP tower + projector, loaded from an mmproj GGUF.
 pub struct VisionEncoder {
     cfg: VisionConfig,
     weights: Weights,
     backend: Backend,
+    attention: AttentionKernel,
 }
 
 impl VisionEncoder {
@@ -157,6 +169,7 @@ impl VisionEncoder {
             cfg,
             weights,
             backend,
+            attention: AttentionKernel::Auto,
         };
         enc.check_shapes()?;
         Ok(enc)
@@ -165,6 +178,12 @@ impl VisionEncoder {
     /// The settings read from the file.
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
+    }
+
+    /// Chooses the attention computation (the default, `Auto`, is the fastest the backend
+    /// can run; `Plain` is what a backend without a fused kernel for the shape gets).
+    pub fn set_attention(&mut self, kernel: AttentionKernel) {
+        self.attention = kernel;
     }
 
     /// Name of the backend the tower runs on.
@@ -250,7 +269,9 @@ impl VisionEncoder {
             )));
         }
         let g = Graph::new(&self.weights);
-        let x = tower(&g, c, patchify(c, pixels))?;
+        let fused =
+            |t: Tensor<'_>| self.attention == AttentionKernel::Auto && g.supports(t, &self.backend);
+        let x = tower(&g, c, patchify(c, pixels), &fused)?;
         let out = match output {
             VisionOutput::Tower => x,
             VisionOutput::Projected => projector::project(&g, x)?,
@@ -290,7 +311,33 @@ fn gelu_tanh<'g>(g: &'g Graph, x: Tensor<'g>) -> Tensor<'g> {
     g.mul(x, g.scale_bias(t, 0.5, 0.5))
 }
 
-fn tower<'g>(g: &'g Graph, c: &VisionConfig, patches: Vec<f32>) -> Result<Tensor<'g>> {
+/// Unmasked multi-head attention: q, k, v `[head_dim, tokens, heads]`, result `[head_dim ·
+/// heads, tokens]`. ggml's fused flash attention if `fused` accepts its node (see
+/// [`AttentionKernel`]), else the plain product.
+fn attention<'g>(
+    g: &'g Graph,
+    (q, k, v): (Tensor<'g>, Tensor<'g>, Tensor<'g>),
+    scale: f32,
+    fused: &dyn Fn(Tensor<'g>) -> bool,
+) -> Tensor<'g> {
+    let [hd, n, heads, _] = q.ne();
+    let fa = g.flash_attn(q, k, v, scale);
+    if fused(fa) {
+        return g.reshape(fa, &[hd * heads, n]);
+    }
+    let (q, k) = (g.cont(q), g.cont(k));
+    let scores = g.soft_max_scaled(g.mul_mat(k, q), scale); // [keys, queries, heads]
+    let vt = g.cont(g.permute(v, [1, 0, 2, 3])); // [keys, head_dim, heads]
+    let out = g.mul_mat(vt, scores); // [head_dim, queries, heads]
+    g.reshape(g.cont(g.permute(out, [0, 2, 1, 3])), &[hd * heads, n])
+}
+
+fn tower<'g>(
+    g: &'g Graph,
+    c: &VisionConfig,
+    patches: Vec<f32>,
+    fused: &dyn Fn(Tensor<'g>) -> bool,
+) -> Result<Tensor<'g>> {
     let (d, n, p) = (c.width as i64, c.n_tokens() as i64, c.patch_size as i64);
     let (heads, hd) = (c.heads as i64, (c.width / c.heads) as i64);
     let input = g.input(&[3 * p * p, n], patches);
@@ -305,7 +352,7 @@ fn tower<'g>(g: &'g Graph, c: &VisionConfig, patches: Vec<f32>) -> Result<Tensor
         let q = heads_of(linear(g, h, &w(names::Q_W), &w(names::Q_B))?);
         let k = heads_of(linear(g, h, &w(names::K_W), &w(names::K_B))?);
         let v = heads_of(linear(g, h, &w(names::V_W), &w(names::V_B))?);
-        let attn = g.reshape(g.flash_attn(q, k, v, scale), &[d, n]);
+        let attn = attention(g, (q, k, v), scale, fused);
         x = g.add(x, linear(g, attn, &w(names::O_W), &w(names::O_B))?);
         let h = layer_norm(g, x, &w(names::LN2_W), &w(names::LN2_B), c.eps)?;
         let h = gelu_tanh(g, linear(g, h, &w(names::FC1_W), &w(names::FC1_B))?);

@@ -132,7 +132,15 @@ fn example(name: &str) -> String {
 /// image fails with exit code 1 and names the file.
 #[test]
 fn cli_captions_with_the_bundled_model() {
-    let v = pali_json(&["caption", &example("three_shapes_wide.png")]);
+    // `-ngl` and `-ctk` as llama.cpp spells them (no GPU layers here: a CPU build ignores it).
+    let v = pali_json(&[
+        "caption",
+        &example("three_shapes_wide.png"),
+        "-ngl",
+        "0",
+        "-ctk",
+        "f16",
+    ]);
     assert_eq!(v["text"], "a red circle, a blue square and a green circle");
     assert_eq!(v["tokens"].as_array().unwrap().len(), 11);
     // 64 image tokens + <bos> + "caption en" (2 tokens) + "\n"

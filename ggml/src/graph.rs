@@ -551,6 +551,19 @@ impl<'w> Graph<'w> {
         })
     }
 
+    /// `softmax(a·scale)` over ne0, unmasked.
+    pub fn soft_max_scaled(&self, a: Tensor<'_>, scale: f32) -> Tensor<'_> {
+        // SAFETY: valid context and tensor; no mask, no ALiBi.
+        self.wrap(unsafe { sys::ggml_soft_max_ext(self.ctx, a.raw, ptr::null_mut(), scale, 0.0) })
+    }
+
+    /// Whether `backend` can run the op that makes `t` (a GPU backend may lack a kernel for
+    /// some shapes, e.g. flash attention for head sizes it was not built for).
+    pub fn supports(&self, t: Tensor<'_>, backend: &Backend) -> bool {
+        // SAFETY: valid backend and tensor.
+        unsafe { sys::ggml_backend_supports_op(backend.raw, t.raw) }
+    }
+
     /// Runs the graph up to `out` on `backend` and returns `out`'s values (F32).
     /// The compute buffer is freed when the graph is dropped.
     pub fn compute(&self, out: Tensor<'_>, backend: &Backend) -> Result<Vec<f32>> {
@@ -561,6 +574,18 @@ impl<'w> Graph<'w> {
             sys::ggml_build_forward_expand(self.gf, out.raw);
             if !self.galloc.get().is_null() {
                 return Err(Error::Backend("a graph can only be computed once".into()));
+            }
+            // A backend aborts the process on an op it has no kernel for: refuse first.
+            for i in 0..sys::ggml_graph_n_nodes(self.gf) {
+                let node = sys::ggml_graph_node(self.gf, i);
+                if !sys::ggml_backend_supports_op(backend.raw, node) {
+                    let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy();
+                    let ne = (*node).ne;
+                    return Err(Error::Backend(format!(
+                        "{} has no kernel for ggml op {op} of shape {ne:?}",
+                        backend.name()
+                    )));
+                }
             }
             self.galloc.set(sys::ggml_gallocr_new(
                 sys::ggml_backend_get_default_buffer_type(backend.raw),
