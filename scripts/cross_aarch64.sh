@@ -3,9 +3,9 @@
 # Debian machine, with ggml's CPU kernels picked at run time (`dynamic-backends`), then runs
 # the build under qemu-user on emulated ARM CPUs.
 #
-#   scripts/cross_aarch64.sh build        # target/aarch64-unknown-linux-gnu/release/
+#   scripts/cross_aarch64.sh build        # then target/aarch64-unknown-linux-gnu/dist/
 #   scripts/cross_aarch64.sh run CPU ARGS # e.g. run cortex-a76 caption examples/images/x.png
-#   scripts/cross_aarch64.sh test CPU [TEST BINARY ARGS]  # a test binary (parity, demo) on CPU
+#   scripts/cross_aarch64.sh test CPU NAME [ARGS]  # test binary NAME (e.g. parity) on CPU
 #
 # Host needs (Debian 12): apt-get install -y cmake clang libclang-dev g++-aarch64-linux-gnu
 # qemu-user; rustup target add aarch64-unknown-linux-gnu.
@@ -13,31 +13,40 @@
 # Why clang: ggml's aarch64 variants go up to armv9.2 with SME, which Debian 12's cross gcc
 # (12) cannot target; clang (14 is enough) can, using the gcc cross toolchain's headers and
 # libstdc++. Rust links with the cross gcc.
-# To ship: copy target/aarch64-unknown-linux-gnu/release/{pali,*.so} (libllama, libggml,
-# libggml-base and every libggml-cpu-armv*.so variant) into one folder on the device and run
-# pali with LD_LIBRARY_PATH set to it; the best variant for the CPU is loaded at start.
+# To ship: copy target/aarch64-unknown-linux-gnu/dist/ (pali, libllama, libggml, libggml-base
+# and every libggml-cpu-armv*.so variant, stripped) to the device and run pali with
+# LD_LIBRARY_PATH set to that folder; the best variant for the CPU is loaded at start.
 set -eu
 cd "$(dirname "$0")/.."
 T=aarch64-unknown-linux-gnu
 OUT=target/$T/release
+DIST=target/$T/dist
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=clang CXX_aarch64_unknown_linux_gnu=clang++
+# Debian's triple (the last --target wins over cc-rs's aarch64-unknown-linux-gnu), so that clang
+# finds the cross binutils (aarch64-linux-gnu-ld) for CMake's test programs.
+export CFLAGS_aarch64_unknown_linux_gnu=--target=aarch64-linux-gnu
+export CXXFLAGS_aarch64_unknown_linux_gnu=--target=aarch64-linux-gnu
 # The emulated machine: its loader and libc from the cross toolchain's sysroot.
 qemu() { # cpu, program, args...
     local cpu=$1
     shift
-    LD_LIBRARY_PATH="$PWD/$OUT" qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu "$cpu" "$@"
+    LD_LIBRARY_PATH="$PWD/$DIST" qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu "$cpu" "$@"
 }
 
 case "${1:-build}" in
 build)
     cargo build --release --target $T --features dynamic-backends --bins --tests
-    ls "$OUT"/pali "$OUT"/*.so
+    rm -rf "$DIST" && mkdir -p "$DIST"
+    cp "$OUT"/pali "$DIST"/
+    cp -P "$OUT"/build/llama-cpp-sys-2-*/out/build/bin/*.so* "$DIST"/
+    find "$DIST" -type f -exec aarch64-linux-gnu-strip --strip-debug {} +
+    ls -l "$DIST"
     ;;
 run)
     cpu=$2
     shift 2
-    qemu "$cpu" "$OUT/pali" "$@"
+    qemu "$cpu" "$DIST/pali" "$@"
     ;;
 test)
     cpu=$2

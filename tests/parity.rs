@@ -23,7 +23,7 @@ fn model(name: &str, text: FileType, vision: FileType) -> Model {
 const LOGIT_TOL: f32 = 5e-2;
 
 /// The same with flash attention in the decoder.
-const FA_LOGIT_TOL: f32 = 0.3;
+const FA_LOGIT_TOL: f32 = 0.5;
 
 #[test]
 fn preprocessing_matches_hf_processor() {
@@ -357,8 +357,10 @@ fn decoder_flash_attention_matches_hf() {
                 c.image, c.prompt, c.logit_diff, c.agreed, c.total
             );
             // ggml's CPU flash attention is less exact than its softmax path, and its thread chunking
-            // varies run to run: 0.04-0.16 measured on the chaotic tiny-swa-98. A wrong mask costs
-            // several units (see llama_cpp_window_differs_inside_the_prefix).
+            // varies run to run: 0.04-0.16 measured on the chaotic tiny-swa-98 on x86-64, 0.33
+            // on an emulated Cortex-A76 (the aarch64 build's armv8.2 kernels use F16 vector
+            // arithmetic). A wrong mask costs several units (see
+            // llama_cpp_window_differs_inside_the_prefix).
             assert!(
                 c.logit_diff < FA_LOGIT_TOL,
                 "{name}: flash attention logits off by {}",
