@@ -507,13 +507,13 @@ fn run_locate(
     {
         return Err("no object names given (e.g. \"cat ; dog\")".into());
     }
-    // The bundled demo model comes with its own mask decoder.
+    // The bundled demo model comes with its own mask decoder: the one beside the model that
+    // `model_paths` picks (the first root that has one).
     let demo_vae = if segment && outs.vae.is_none() && args.model.is_none() && args.mmproj.is_none()
     {
-        let paths = model_paths(args)?;
         bundled_roots()
             .iter()
-            .find(|r| pali::default_model_paths(r).is_some_and(|p| p.decoder == paths.decoder))
+            .find(|r| pali::default_model_paths(r).is_some())
             .and_then(|r| pali::default_vae_path(r))
     } else {
         None
