@@ -517,8 +517,9 @@ impl Model {
                 ignore_eos: opts.ignore_eos,
                 logprobs: opts.logprobs,
             };
-            let g = decoder.generate(&prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
-            Ok((prefix.len(), g))
+            let n_prefix = prefix.len();
+            let g = decoder.generate(prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
+            Ok((n_prefix, g))
         })?;
         let n_gen = g.tokens.len();
         let timings = Timings {

@@ -381,9 +381,10 @@ impl Decoder {
     }
 
     /// Decodes the prefix in one non-causal batch and generates up to `n_predict` tokens.
+    /// The prefix is consumed: its rows are freed once llama.cpp has copied them.
     pub fn generate(
         &self,
-        prefix: &PrefixBatch,
+        prefix: PrefixBatch,
         n_predict: usize,
         sampling: &Sampling,
         opts: &DecodeOptions,
@@ -407,7 +408,7 @@ impl Decoder {
         };
         let mut ctx = LlamaContext::new(&self.model, &params)?;
         let t0 = std::time::Instant::now();
-        ctx.decode_embeddings(&prefix.rows, 0, false)?;
+        ctx.decode_embeddings(prefix.rows, 0, false)?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let memory_after_prefill = crate::MemoryUse::now();
         if let Some(m) = memory_after_prefill {
