@@ -102,29 +102,14 @@ fn whole_model_on_the_gpu_matches_hf() {
             }
         }
         let label = format!("decoder {} vision {}", text.label(), vision.label());
-        let n = rows.len();
-        let worst = rows.iter().map(|r| r.logit_diff).fold(0f32, f32::max);
-        let top1 = rows.iter().filter(|r| r.first_token_equal).count();
-        let agreed: usize = rows.iter().map(|r| r.agreed).sum();
-        let total: usize = rows.iter().map(|r| r.total).sum();
-        println!("{label}: worst |dlogit| {worst:.3}, first-token top-1 {top1}/{n}, greedy tokens before divergence {agreed}/{total}");
-        if worst >= logit_bound {
-            failures.push(format!("{label}: logits off by {worst}"));
-        }
-        if (top1 as f32) < min_first_top1 * n as f32 {
-            failures.push(format!("{label}: first-token top-1 {top1}/{n}"));
-        }
         // Unquantized weights: a divergence only right after a near-tie in HF's logits.
-        if text != FileType::Q8_0 {
-            for r in rows.iter().filter(|r| r.agreed < r.total) {
-                if r.margin_at_divergence >= logit_bound {
-                    failures.push(format!(
-                        "{label}: {} {:?} diverged at step {} at an HF margin of {}",
-                        r.image, r.prompt, r.agreed, r.margin_at_divergence
-                    ));
-                }
-            }
-        }
+        failures.extend(judge(
+            &label,
+            &rows,
+            logit_bound,
+            min_first_top1,
+            text != FileType::Q8_0,
+        ));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -220,34 +220,14 @@ fn quantized_types_agree_with_hf() {
             );
             rows.extend(a);
         }
-        let n = rows.len();
-        let worst = rows.iter().map(|r| r.logit_diff).fold(0f32, f32::max);
-        let top1 = rows.iter().filter(|r| r.first_token_equal).count();
-        let agreed: usize = rows.iter().map(|r| r.agreed).sum();
-        let total: usize = rows.iter().map(|r| r.total).sum();
-        println!(
-            "decoder {:>6} vision {:>4}: first-step max |dlogit| {worst:.3e}, first-token top-1 {top1}/{n}, greedy tokens before divergence {agreed}/{total}",
-            text.label(),
-            vision.label()
-        );
-        failures.extend(
-            (worst >= logit_bound)
-                .then(|| format!("{} {}: logits off by {worst}", text.label(), vision.label())),
-        );
-        failures.extend(
-            (top1 as f32 + 1e-3 < min_first_top1 * n as f32)
-                .then(|| format!("{} {}: top-1 {top1}/{n}", text.label(), vision.label())),
-        );
-        if text == FileType::F16 {
-            for r in &rows {
-                if r.agreed < r.total && r.margin_at_divergence >= logit_bound {
-                    failures.push(format!(
-                        "F16 diverged from HF at a margin of {}",
-                        r.margin_at_divergence
-                    ));
-                }
-            }
-        }
+        let label = format!("decoder {:>6} vision {:>4}", text.label(), vision.label());
+        failures.extend(judge(
+            &label,
+            &rows,
+            logit_bound,
+            min_first_top1,
+            text == FileType::F16,
+        ));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -294,12 +274,7 @@ fn prefix_ids_match_hf_processor() {
         let m = model(name, FileType::F16, FileType::F16);
         let n_img = r.json["num_image_tokens"].as_u64().unwrap() as usize;
         let hidden = m.hidden();
-        let prompts: Vec<String> = r.json["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().into())
-            .collect();
+        let prompts = r.prompts();
         for case in r.cases() {
             let want = ids(&case["input_ids"]);
             let k = case["prompt_index"].as_u64().unwrap() as usize;

@@ -104,6 +104,15 @@ impl Reference {
             .collect()
     }
 
+    pub fn prompts(&self) -> Vec<String> {
+        self.json["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().into())
+            .collect()
+    }
+
     pub fn vocab_real(&self) -> usize {
         self.json["vocab_size_real"].as_u64().unwrap() as usize
     }
@@ -170,12 +179,7 @@ pub struct CaseResult {
 /// Runs every case of fixture `name` (image × prompt, greedy as long as HF's) on `m`.
 pub fn run_cases(m: &pali::Model, name: &str, base: pali::GenerateOptions) -> Vec<CaseResult> {
     let r = Reference::load(name);
-    let prompts: Vec<String> = r.json["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().into())
-        .collect();
+    let prompts = r.prompts();
     r.cases()
         .iter()
         .map(|case| {
@@ -213,6 +217,45 @@ pub fn run_cases(m: &pali::Model, name: &str, base: pali::GenerateOptions) -> Ve
             }
         })
         .collect()
+}
+
+/// Judges one decoder × vision type's cases against HF: the worst first-step |Δlogit| must
+/// stay under `logit_bound`, at least `min_first_top1` of the first tokens must equal HF's,
+/// and with `near_ties_only` every divergence must come right after a near-tie in HF's own
+/// logits (margin < `logit_bound`). Prints the summary; returns what failed.
+pub fn judge(
+    label: &str,
+    rows: &[CaseResult],
+    logit_bound: f32,
+    min_first_top1: f32,
+    near_ties_only: bool,
+) -> Vec<String> {
+    let n = rows.len();
+    let worst = rows.iter().map(|r| r.logit_diff).fold(0f32, f32::max);
+    let top1 = rows.iter().filter(|r| r.first_token_equal).count();
+    let agreed: usize = rows.iter().map(|r| r.agreed).sum();
+    let total: usize = rows.iter().map(|r| r.total).sum();
+    println!(
+        "{label}: first-step max |dlogit| {worst:.3e}, first-token top-1 {top1}/{n}, greedy tokens before divergence {agreed}/{total}"
+    );
+    let mut failures = Vec::new();
+    if worst >= logit_bound {
+        failures.push(format!("{label}: logits off by {worst}"));
+    }
+    if top1 as f32 + 1e-3 < min_first_top1 * n as f32 {
+        failures.push(format!("{label}: first-token top-1 {top1}/{n}"));
+    }
+    if near_ties_only {
+        for r in rows.iter().filter(|r| r.agreed < r.total) {
+            if r.margin_at_divergence >= logit_bound {
+                failures.push(format!(
+                    "{label}: {} {:?} diverged at step {} at an HF margin of {}",
+                    r.image, r.prompt, r.agreed, r.margin_at_divergence
+                ));
+            }
+        }
+    }
+    failures
 }
 
 pub fn path_str(p: &Path) -> String {
