@@ -566,24 +566,27 @@ impl MemoryUse {
     /// The current split, if `/proc/self/status` has it.
     pub fn now() -> Option<Self> {
         let s = std::fs::read_to_string("/proc/self/status").ok()?;
-        let kb = |key: &str| -> Option<f64> {
-            let line = s.lines().find(|l| l.starts_with(key))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        };
         Some(MemoryUse {
-            rss_mib: kb("VmRSS:")? / 1024.0,
-            anon_mib: kb("RssAnon:")? / 1024.0,
-            file_mib: kb("RssFile:")? / 1024.0,
+            rss_mib: status_mib(&s, "VmRSS:")?,
+            anon_mib: status_mib(&s, "RssAnon:")?,
+            file_mib: status_mib(&s, "RssFile:")?,
         })
     }
 }
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
-pub fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// A `/proc/self/status` line's kB value, in MiB.
+fn status_mib(status: &str, key: &str) -> Option<f64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    status_mib(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "VmHWM:",
+    )
 }
 
 /// Default model files when no `-m` is given: the bundled model next to the executable's
