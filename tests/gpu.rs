@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use pali::siglip::{VisionEncoder, VisionOutput};
+use pali::siglip::VisionEncoder;
 use pali::{GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
 use pali_ggml::quant::FileType;
 
@@ -37,12 +37,7 @@ fn vision_tower_on_the_gpu_matches_hf() {
             let c = converted(name, FileType::F32, vt);
             let enc = VisionEncoder::load(&c.mmproj, true, 1).unwrap();
             assert_ne!(enc.backend_name(), "CPU");
-            for img in r.images() {
-                let px = r.tensor(&format!("pixel_values.{img}"));
-                let tower = enc.encode(&px, VisionOutput::Tower).unwrap();
-                let proj = enc.encode(&px, VisionOutput::Projected).unwrap();
-                let dt = rel_diff(&tower, &r.tensor(&format!("vision.{img}")));
-                let dp = rel_diff(&proj, &r.tensor(&format!("projector.{img}")));
+            for (img, dt, dp) in vision_errors(&r, &enc) {
                 println!(
                     "{name} {img} vision {} on {}: relative error tower {dt:.2e}, projector {dp:.2e}",
                     vt.label(),

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use pali::preprocess::load_image;
-use pali::siglip::{VisionEncoder, VisionOutput};
+use pali::siglip::VisionEncoder;
 use pali::{GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
 use pali_ggml::quant::FileType;
 
@@ -49,13 +49,7 @@ fn vision_tower_and_projector_match_hf() {
         for vt in [FileType::F32, FileType::F16, FileType::Q8_0] {
             let c = converted(name, FileType::F32, vt);
             let enc = VisionEncoder::load(&c.mmproj, false, 1).unwrap();
-            for img in r.images() {
-                let px = r.tensor(&format!("pixel_values.{img}"));
-                let tower = enc.encode(&px, VisionOutput::Tower).unwrap();
-                let proj = enc.encode(&px, VisionOutput::Projected).unwrap();
-                // Errors relative to the largest reference value.
-                let dt = rel_diff(&tower, &r.tensor(&format!("vision.{img}")));
-                let dp = rel_diff(&proj, &r.tensor(&format!("projector.{img}")));
+            for (img, dt, dp) in vision_errors(&r, &enc) {
                 println!(
                     "{name} {img} vision {}: relative error tower {dt:.2e}, projector {dp:.2e}",
                     vt.label()
@@ -90,10 +84,7 @@ fn vision_tower_with_plain_attention_matches_hf() {
         let c = converted(name, FileType::F32, FileType::F32);
         let mut enc = VisionEncoder::load(&c.mmproj, false, 1).unwrap();
         enc.set_attention(AttentionKernel::Plain);
-        for img in r.images() {
-            let px = r.tensor(&format!("pixel_values.{img}"));
-            let proj = enc.encode(&px, VisionOutput::Projected).unwrap();
-            let d = rel_diff(&proj, &r.tensor(&format!("projector.{img}")));
+        for (img, _, d) in vision_errors(&r, &enc) {
             println!("{name} {img}: plain attention, projector relative error {d:.2e}");
             assert!(d < 2e-5, "{name} {img}: projector {d}");
         }

@@ -162,6 +162,23 @@ pub fn rel_diff(ours: &[f32], reference: &[f32]) -> f32 {
     max_abs_diff(ours, reference) / scale
 }
 
+/// Runs `enc` on every reference image of `r` and returns, per image, the tower's and the
+/// projector's errors relative to HF's largest value: `(image, tower, projector)`.
+pub fn vision_errors(r: &Reference, enc: &pali::siglip::VisionEncoder) -> Vec<(String, f32, f32)> {
+    use pali::siglip::VisionOutput;
+    r.images()
+        .into_iter()
+        .map(|img| {
+            let px = r.tensor(&format!("pixel_values.{img}"));
+            let tower = enc.encode(&px, VisionOutput::Tower).unwrap();
+            let proj = enc.encode(&px, VisionOutput::Projected).unwrap();
+            let dt = rel_diff(&tower, &r.tensor(&format!("vision.{img}")));
+            let dp = rel_diff(&proj, &r.tensor(&format!("projector.{img}")));
+            (img, dt, dp)
+        })
+        .collect()
+}
+
 /// One fixture case run through pali and compared with HF.
 pub struct CaseResult {
     pub image: String,
