@@ -24,20 +24,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = Model::load(&paths, &LoadOptions::default())?;
     // …then generate as often as needed, streaming the text.
     let img = load_image(image.as_ref(), pali::MAX_IMAGE_PIXELS)?;
-    let prompt = Task::Caption {
+    let task = Task::Caption {
         lang: "en".into(),
         long: false,
-    }
-    .prompt();
+    };
     let opts = GenerateOptions {
         n_predict: 16,
         ..Default::default()
     };
-    let out = model.generate(&img, &prompt, &opts, &mut |piece| {
+    let out = model.answer(&img, &task, &opts, &mut |piece| {
         print!("{piece}");
         let _ = std::io::stdout().flush();
     })?;
     println!();
+    // Boxes in the image's pixels, with the same JSON as `pali detect --json`.
+    let found = model.detect(&img, &["circle"], &GenerateOptions::default())?;
+    println!("{}", serde_json::to_string(&found.objects)?);
     eprintln!(
         "{} tokens; vision {:.1} ms, prefill {:.1} ms, decode {:.1} tok/s",
         out.tokens.len(),

@@ -2,15 +2,18 @@
 //!
 //! The SigLIP vision tower runs as pali's own ggml graph ([`siglip`], [`projector`]), the
 //! Gemma 2 decoder on llama.cpp ([`session`]), both on the same ggml. Load a [`Model`] once,
-//! then [`Model::generate`] as often as needed:
+//! then call its tasks ([`task`]) as often as needed, from any thread:
 //!
 //! ```no_run
 //! use pali::{Model, ModelPaths, LoadOptions, GenerateOptions, Task};
 //! let model = Model::load(&ModelPaths::new("model.gguf", "mmproj.gguf"), &LoadOptions::default())?;
 //! let image = pali::preprocess::load_image("cat.jpg".as_ref(), pali::MAX_IMAGE_PIXELS)?;
-//! let out = model.generate(&image, &Task::Caption { lang: "en".into(), long: false }.prompt(),
-//!                          &GenerateOptions::default(), &mut |piece| print!("{piece}"))?;
-//! println!("\n{} tokens", out.tokens.len());
+//! let opts = GenerateOptions::default();
+//! let caption = model.answer(&image, &Task::Caption { lang: "en".into(), long: false },
+//!                            &opts, &mut |piece| print!("{piece}"))?;
+//! println!("\n{} tokens", caption.tokens.len());
+//! let found = model.detect(&image, &["cat", "dog"], &opts)?;
+//! println!("{}", serde_json::to_string(&found).unwrap()); // = `pali detect --json`
 //! # Ok::<(), pali::Error>(())
 //! ```
 
@@ -23,20 +26,22 @@ pub mod projector;
 pub mod prompt;
 pub mod session;
 pub mod siglip;
+pub mod task;
 pub mod vae;
 
 pub use pali_ggml::llama::KvCacheType;
 pub use prompt::{
     parse_detections, parse_segments, DetectionBox, Detections, SegmentObject, Segments, Task,
 };
-pub use session::{Sampling, SlidingWindow};
+pub use session::{CancelFlag, FinishReason, Sampling, SlidingWindow};
+pub use task::{ImageSize, Located, LocatedObject, ObjectMask, TextAnswer};
 pub use vae::{convert_vae, Mask, MaskDecoder};
 
 use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
 use session::{DecodeOptions, Decoder, DecoderOptions, PrefixBatch};
 use siglip::{VisionEncoder, VisionOutput};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
 /// Everything that can go wrong, with messages that name the file, key or input concerned.
@@ -57,6 +62,9 @@ pub enum Error {
     /// ggml / llama.cpp errors.
     #[error(transparent)]
     Ggml(#[from] pali_ggml::Error),
+    /// The generation was cancelled ([`GenerateOptions::cancel`]).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Largest image accepted, in pixels (Pillow's decompression-bomb error threshold): bigger
@@ -66,22 +74,32 @@ pub const MAX_IMAGE_PIXELS: u64 = 178_956_970;
 /// Result with pali's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The two files of a converted model.
+/// The files of a converted model: decoder and vision tower, and optionally the mask
+/// decoder that turns `segment` answers into masks.
 #[derive(Debug, Clone)]
 pub struct ModelPaths {
     /// Decoder GGUF (`-m`).
     pub decoder: PathBuf,
     /// Vision GGUF (`--mmproj`).
     pub mmproj: PathBuf,
+    /// Mask decoder GGUF (`--vae`, made by `pali convert-vae`).
+    pub mask_decoder: Option<PathBuf>,
 }
 
 impl ModelPaths {
-    /// Both paths.
+    /// Decoder and vision tower, no mask decoder.
     pub fn new(decoder: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> Self {
         ModelPaths {
             decoder: decoder.into(),
             mmproj: mmproj.into(),
+            mask_decoder: None,
         }
+    }
+
+    /// The same files with a mask decoder.
+    pub fn with_mask_decoder(mut self, path: impl Into<PathBuf>) -> Self {
+        self.mask_decoder = Some(path.into());
+        self
     }
 }
 
@@ -189,6 +207,12 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Record [`Generation::token_logprobs`] (used for detection scores).
     pub logprobs: bool,
+    /// Stop sequences (OpenAI's `stop`): the text ends just before the first one it
+    /// contains.
+    pub stop: Vec<String>,
+    /// Set it from another thread (or from `on_text`) to end the generation with
+    /// [`Error::Cancelled`]; checked before the prefix and after every token.
+    pub cancel: Option<CancelFlag>,
 }
 
 impl Default for GenerateOptions {
@@ -201,6 +225,8 @@ impl Default for GenerateOptions {
             flash_attn: None,
             ignore_eos: false,
             logprobs: false,
+            stop: Vec::new(),
+            cancel: None,
         }
     }
 }
@@ -208,6 +234,8 @@ impl Default for GenerateOptions {
 /// Where the time went, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
+    /// How long [`Model::load`] took.
+    pub load_ms: f64,
     #[allow(missing_docs)]
     pub preprocess_ms: f64,
     #[allow(missing_docs)]
@@ -241,6 +269,8 @@ pub struct Generation {
     pub first_logits: Vec<f32>,
     /// With [`GenerateOptions::logprobs`]: each token's log-probability (else empty).
     pub token_logprobs: Vec<f32>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
     /// Timings.
     pub timings: Timings,
 }
@@ -257,14 +287,15 @@ pub struct EncodedImage {
 }
 
 /// One half of the model (vision tower or decoder): resident, or in low-memory mode loaded
-/// on demand and dropped after use.
-struct Part<T> {
+/// on demand and dropped after use. Several threads may use a loaded part at once (the
+/// decoder runs one llama.cpp context per generation); loading and dropping wait for them.
+struct Part<T: Sync> {
     name: &'static str,
-    slot: Mutex<Option<T>>,
+    slot: RwLock<Option<T>>,
     load: Box<dyn Fn() -> Result<T> + Send + Sync>,
 }
 
-impl<T> Part<T> {
+impl<T: Sync> Part<T> {
     fn new(
         name: &'static str,
         loaded: Option<T>,
@@ -272,43 +303,60 @@ impl<T> Part<T> {
     ) -> Self {
         Part {
             name,
-            slot: Mutex::new(loaded),
+            slot: RwLock::new(loaded),
             load,
         }
     }
 
     /// Runs `f` on the part, loading it first if it was dropped.
     fn with<R>(&self, f: impl FnOnce(&T) -> Result<R>) -> Result<R> {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            log::info!("low-memory mode: loading the {}", self.name);
-            *slot = Some((self.load)()?);
+        let mut f = Some(f);
+        loop {
+            {
+                let slot = self.slot.read().unwrap_or_else(|e| e.into_inner());
+                if let Some(part) = slot.as_ref() {
+                    return f.take().expect("called once")(part);
+                }
+            }
+            let mut slot = self.slot.write().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                log::info!("low-memory mode: loading the {}", self.name);
+                *slot = Some((self.load)()?);
+            }
         }
-        f(slot.as_ref().expect("loaded above"))
     }
 
     /// Drops the part (it is reloaded on next use).
     fn release(&self) {
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
 /// A loaded PaliGemma 2 model: vision tower + decoder.
+///
+/// A `Model` is `Send + Sync`: share it (e.g. in an `Arc`) and call it from several threads.
+/// Generations run at the same time, each in its own llama.cpp context; the vision tower
+/// and the mask decoder encode one image at a time.
 pub struct Model {
-    vision: Part<VisionEncoder>,
+    // ggml's CPU backend state is not thread-safe: one image through the tower at a time.
+    vision: Part<Mutex<VisionEncoder>>,
     decoder: Part<Decoder>,
+    mask_decoder: Option<Mutex<MaskDecoder>>,
     preprocess: PreprocessConfig,
     threads: i32,
     hidden: usize,
     loc_token: Option<u32>,
+    n_ctx_train: usize,
     image_tokens: usize,
     vision_backend: String,
     low_mem: bool,
+    load_ms: f64,
 }
 
 impl Model {
     /// Loads both files and checks that they belong together.
     pub fn load(paths: &ModelPaths, opts: &LoadOptions) -> Result<Self> {
+        let t0 = Instant::now();
         for (p, flag) in [(&paths.decoder, "-m"), (&paths.mmproj, "--mmproj")] {
             if !p.exists() {
                 return Err(Error::Io(format!("{flag} {}: file not found", p.display())));
@@ -322,7 +370,7 @@ impl Model {
             auto
         });
         let (mmproj, gpu, threads) = (paths.mmproj.clone(), opts.n_gpu_layers > 0, opts.threads);
-        let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads);
+        let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads).map(Mutex::new);
         let (decoder_path, dopts) = (
             paths.decoder.clone(),
             DecoderOptions {
@@ -344,7 +392,8 @@ impl Model {
             let facts = d.facts();
             (Some(d), facts)
         };
-        let vc = vision.config();
+        let vision_ref = vision.lock().unwrap_or_else(|e| e.into_inner());
+        let vc = vision_ref.config().clone();
         if vc.projection_dim != facts.hidden {
             return Err(Error::Model(format!(
                 "{} projects to width {}, but the decoder {} has hidden size {}: they are from different models",
@@ -362,8 +411,14 @@ impl Model {
             resample: ResampleFilter::from_pil_code(vc.resample)?,
             max_pixels: MAX_IMAGE_PIXELS,
         };
-        let vision_backend = vision.backend_name();
+        let vision_backend = vision_ref.backend_name();
+        drop(vision_ref);
         let image_tokens = (vc.image_size / vc.patch_size).pow(2);
+        let mask_decoder = paths
+            .mask_decoder
+            .as_deref()
+            .map(|p| MaskDecoder::load(p, opts.threads).map(Mutex::new))
+            .transpose()?;
         Ok(Model {
             vision: Part::new("vision tower", Some(vision), Box::new(load_vision)),
             decoder: Part::new("decoder", decoder, Box::new(load_decoder)),
@@ -371,9 +426,12 @@ impl Model {
             threads: opts.threads,
             hidden: facts.hidden,
             loc_token: facts.loc_token,
+            n_ctx_train: facts.n_ctx_train,
             image_tokens,
             vision_backend,
             low_mem,
+            load_ms: ms(t0),
+            mask_decoder,
         })
     }
 
@@ -390,6 +448,28 @@ impl Model {
     /// Token id of `<loc0000>` (`<locN>` is this + N), if the vocabulary has loc tokens.
     pub fn loc_token(&self) -> Option<u32> {
         self.loc_token
+    }
+
+    /// The context length the decoder was trained for (8192 for PaliGemma 2).
+    pub fn n_ctx_train(&self) -> usize {
+        self.n_ctx_train
+    }
+
+    /// Prefix tokens a prompt takes (image tokens, `<bos>`, the prompt, `"\n"`): with the
+    /// tokens to generate, what the context must hold.
+    pub fn prefix_len(&self, prompt: &str) -> Result<usize> {
+        let text = self.with_decoder(|d| d.tokenize(prompt))?.len();
+        Ok(self.image_tokens + text + 2)
+    }
+
+    /// The mask decoder loaded with the model ([`ModelPaths::mask_decoder`]), if any.
+    pub fn has_mask_decoder(&self) -> bool {
+        self.mask_decoder.is_some()
+    }
+
+    /// How long [`Model::load`] took, in milliseconds.
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
     }
 
     /// The vision tower's ggml backend.
@@ -412,7 +492,18 @@ impl Model {
         if self.low_mem {
             self.decoder.release();
         }
-        self.vision.with(f)
+        self.vision
+            .with(|v| f(&v.lock().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// Runs `f` on the mask decoder, if one was loaded.
+    pub(crate) fn with_mask_decoder<R>(
+        &self,
+        f: impl FnOnce(&MaskDecoder) -> Result<R>,
+    ) -> Option<Result<R>> {
+        self.mask_decoder
+            .as_ref()
+            .map(|m| f(&m.lock().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// How many images a batch should encode before decoding them: 1, or in low-memory mode
@@ -516,6 +607,8 @@ impl Model {
                 max_ctx: opts.max_ctx,
                 ignore_eos: opts.ignore_eos,
                 logprobs: opts.logprobs,
+                stop: opts.stop.clone(),
+                cancel: opts.cancel.clone(),
             };
             let n_prefix = prefix.len();
             let g = decoder.generate(prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
@@ -523,6 +616,7 @@ impl Model {
         })?;
         let n_gen = g.tokens.len();
         let timings = Timings {
+            load_ms: self.load_ms,
             prefill_ms: g.prefill_ms,
             memory_after_prefill: g.memory_after_prefill,
             decode_ms: g.decode_ms,
@@ -540,6 +634,7 @@ impl Model {
             tokens: g.tokens,
             first_logits: g.first_logits,
             token_logprobs: g.token_logprobs,
+            finish_reason: g.finish_reason,
             timings,
         })
     }
@@ -608,10 +703,7 @@ pub fn default_model_paths(root: &Path) -> Option<ModelPaths> {
         v.sort();
         v.into_iter().next()
     };
-    Some(ModelPaths {
-        decoder: find(false)?,
-        mmproj: find(true)?,
-    })
+    Some(ModelPaths::new(find(false)?, find(true)?))
 }
 
 /// The bundled demo model's mask decoder (`models/demo/vae-pali-demo.gguf` under `root`),

@@ -10,7 +10,6 @@ use pali_ggml::quant::FileType;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
@@ -355,8 +354,30 @@ fn bundled_roots() -> [PathBuf; 2] {
     ]
 }
 
-/// Finds the model files: the flags, else the bundled demo model.
-fn model_paths(args: &ModelArgs) -> Result<ModelPaths, String> {
+/// Finds the model files: the flags, else the bundled demo model; `vae` is the mask
+/// decoder asked for (`--vae`), else with `demo_vae` the bundled model's own.
+fn model_paths(args: &ModelArgs, vae: Option<&Path>, demo_vae: bool) -> Result<ModelPaths, String> {
+    let paths = model_files(args)?;
+    let vae = vae.map(Path::to_path_buf).or_else(|| {
+        // The bundled demo model comes with its own mask decoder: the one beside the model
+        // that `model_files` picks (the first root that has one).
+        (demo_vae && args.model.is_none() && args.mmproj.is_none())
+            .then(|| {
+                bundled_roots()
+                    .iter()
+                    .find(|r| pali::default_model_paths(r).is_some())
+                    .and_then(|r| pali::default_vae_path(r))
+            })
+            .flatten()
+    });
+    Ok(match vae {
+        Some(v) => paths.with_mask_decoder(v),
+        None => paths,
+    })
+}
+
+/// The decoder and mmproj files: the flags, else the bundled demo model.
+fn model_files(args: &ModelArgs) -> Result<ModelPaths, String> {
     let find_mmproj = |dir: &Path| -> Result<PathBuf, String> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -400,9 +421,7 @@ fn model_paths(args: &ModelArgs) -> Result<ModelPaths, String> {
     }
 }
 
-fn load_model(args: &ModelArgs) -> Result<(Model, f64), String> {
-    let paths = model_paths(args)?;
-    let t = Instant::now();
+fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, String> {
     let opts = LoadOptions {
         threads: args.threads.unwrap_or_else(pali::default_threads),
         n_gpu_layers: args.n_gpu_layers,
@@ -416,13 +435,20 @@ fn load_model(args: &ModelArgs) -> Result<(Model, f64), String> {
             LowMemArg::Off => Some(false),
         },
     };
-    let model = Model::load(&paths, &opts).map_err(|e| e.to_string())?;
+    let model = Model::load(paths, &opts).map_err(|e| e.to_string())?;
     log::info!(
         "loaded {} + {}",
         paths.decoder.display(),
         paths.mmproj.display()
     );
-    Ok((model, t.elapsed().as_secs_f64() * 1e3))
+    Ok(model)
+}
+
+/// A task result as the JSON line the CLI prints, with this process's peak memory.
+fn answer_json(answer: &impl serde::Serialize) -> serde_json::Value {
+    let mut obj = serde_json::to_value(answer).expect("results serialize");
+    obj["peak_rss_mb"] = serde_json::json!(pali::peak_rss_mb());
+    obj
 }
 
 fn gen_options(args: &ModelArgs) -> GenerateOptions {
@@ -471,14 +497,6 @@ fn expand_images(inputs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-/// The `timings` object of the JSON output.
-fn timings_json(load_ms: f64, t: &pali::Timings) -> serde_json::Value {
-    serde_json::json!({ "load_ms": load_ms, "preprocess_ms": t.preprocess_ms,
-        "vision_ms": t.vision_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms,
-        "n_prefix": t.n_prefix, "n_gen": t.n_gen, "decode_tok_s": t.decode_tok_s,
-        "memory_after_prefill": t.memory_after_prefill })
-}
-
 /// Output files and the mask decoder of `pali detect` / `pali segment`.
 #[derive(Default)]
 struct LocateOutputs<'a> {
@@ -490,9 +508,8 @@ struct LocateOutputs<'a> {
     vae: Option<&'a Path>,
 }
 
-/// `pali detect` / `pali segment`: one generation, parsed into boxes (and mask codes, and with
-/// a mask decoder masks), printed as `label: x1,y1,x2,y2` lines or one JSON object; `--draw`
-/// writes the labelled picture, `--mask-out` the masks.
+/// `pali detect` / `pali segment`: the library's task, printed as `label: x1,y1,x2,y2`
+/// lines or one JSON object; `--draw` writes the labelled picture, `--mask-out` the masks.
 fn run_locate(
     image: &Path,
     objects: Vec<String>,
@@ -500,6 +517,10 @@ fn run_locate(
     outs: LocateOutputs<'_>,
     args: &ModelArgs,
 ) -> Result<bool, String> {
+    let paths = model_paths(args, outs.vae, segment)?;
+    if outs.mask_out.is_some() && paths.mask_decoder.is_none() {
+        return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
+    }
     if objects
         .iter()
         .flat_map(|o| o.split(';'))
@@ -507,112 +528,18 @@ fn run_locate(
     {
         return Err("no object names given (e.g. \"cat ; dog\")".into());
     }
-    // The bundled demo model comes with its own mask decoder: the one beside the model that
-    // `model_paths` picks (the first root that has one).
-    let demo_vae = if segment && outs.vae.is_none() && args.model.is_none() && args.mmproj.is_none()
-    {
-        bundled_roots()
-            .iter()
-            .find(|r| pali::default_model_paths(r).is_some())
-            .and_then(|r| pali::default_vae_path(r))
-    } else {
-        None
-    };
-    let vae_path = outs.vae.or(demo_vae.as_deref());
-    if outs.mask_out.is_some() && vae_path.is_none() {
-        return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
-    }
-    let draw = outs.draw;
-    let threads = args.threads.unwrap_or_else(pali::default_threads);
-    let vae = vae_path
-        .map(|p| pali::MaskDecoder::load(p, threads))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let prompt = if segment {
-        Task::Segment(objects)
-    } else {
-        Task::Detect(objects)
-    }
-    .prompt();
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
-    let (model, load_ms) = load_model(args)?;
-    let opts = GenerateOptions {
-        logprobs: true,
-        ..gen_options(args)
-    };
-    let g = model
-        .generate(&img, &prompt, &opts, &mut |_| {})
-        .map_err(|e| e.to_string())?;
-    let (w, h) = (img.width, img.height);
-    let mut masks: Vec<pali::Mask> = Vec::new();
-    let (boxes, codes, mut warnings) = if segment {
-        let mut s = pali::parse_segments(&g.text, w, h);
-        if let Some(vae) = &vae {
-            for (i, o) in s.objects.iter().enumerate() {
-                let m = vae.mask(o, w, h).map_err(|e| e.to_string())?;
-                if m.area() == 0 {
-                    let [x1, y1, x2, y2] = pali::vae::mask_box(o.bbox.loc, w, h);
-                    s.warnings.push(format!(
-                        "objects[{i}] ({:?}): empty mask (box {x1},{y1},{x2},{y2} in whole pixels)",
-                        o.label()
-                    ));
-                }
-                masks.push(m);
-            }
-        }
-        let codes: Vec<[u8; 16]> = s.objects.iter().map(|o| o.codes).collect();
-        let boxes: Vec<_> = s.objects.into_iter().map(|o| o.bbox).collect();
-        (boxes, Some(codes), s.warnings)
+    let model = load_model(args, &paths)?;
+    let opts = gen_options(args);
+    let found = if segment {
+        model.segment(&img, &objects, &opts)
     } else {
-        let d = pali::parse_detections(&g.text, w, h);
-        (d.objects, None, d.warnings)
-    };
-    let mut boxes = boxes;
-    if let Some(loc) = model.loc_token() {
-        pali::prompt::score_boxes(&mut boxes, &g.tokens, &g.token_logprobs, loc);
+        model.detect(&img, &objects, &opts)
     }
-    if opts.n_predict > 0 && g.tokens.len() >= opts.n_predict {
-        warnings.push(format!(
-            "the answer stopped at the -n limit ({} tokens): raise -n to get every object",
-            opts.n_predict
-        ));
-    }
-    if segment && vae.is_none() {
-        warnings.push("no VQ-VAE decoder loaded (--vae): masks not decoded".into());
-    }
-    let rounded = |b: &pali::DetectionBox| b.rect().map(|v| v.round() as i64);
+    .map_err(|e| e.to_string())?;
     if args.json {
-        let objs: Vec<serde_json::Value> = boxes
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let mut o = serde_json::json!({
-                    "label": b.label, "box": b.rect(), "score": b.score, "loc": b.loc,
-                });
-                if let Some(codes) = &codes {
-                    o["codes"] = serde_json::json!(codes[i]);
-                    o["mask"] = serde_json::Value::Null;
-                }
-                if let Some(m) = masks.get(i) {
-                    let mb = pali::vae::mask_box(b.loc, w, h);
-                    o["mask"] =
-                        serde_json::json!({ "size": [m.height, m.width], "counts": m.rle() });
-                    o["mask_box"] = serde_json::json!(mb);
-                    o["area"] = serde_json::json!(m.area());
-                }
-                o
-            })
-            .collect();
-        let mut obj = serde_json::json!({
-            "objects": objs,
-            "image": { "width": w, "height": h },
-            "text": g.text,
-            "tokens": g.tokens,
-            "timings": timings_json(load_ms, &g.timings),
-            "peak_rss_mb": pali::peak_rss_mb(),
-            "warnings": warnings,
-        });
-        if let Some(p) = draw {
+        let mut obj = answer_json(&found);
+        if let Some(p) = outs.draw {
             obj["draw"] = serde_json::json!(p.display().to_string());
         }
         if let Some(p) = outs.mask_out {
@@ -620,38 +547,44 @@ fn run_locate(
         }
         println!("{obj}");
     } else {
-        for (i, b) in boxes.iter().enumerate() {
-            let [x1, y1, x2, y2] = rounded(b);
-            let mut line = format!("{}: {x1},{y1},{x2},{y2}", b.label);
-            if let Some(score) = b.score {
-                line.push_str(&format!(" score={score:.2}"));
-            }
-            if let Some(codes) = &codes {
-                let c: Vec<String> = codes[i].iter().map(u8::to_string).collect();
-                line.push_str(&format!(" codes={}", c.join(",")));
-            }
-            if let Some(m) = masks.get(i) {
-                line.push_str(&format!(" area={}", m.area()));
-            }
-            println!("{line}");
-        }
-        for wline in &warnings {
-            eprintln!("warning: {wline}");
-        }
-        if boxes.is_empty() {
-            eprintln!("no objects found (the model answered {:?})", g.text);
-        }
+        print_located(&found);
     }
-    if let Some(p) = draw {
-        let mask_refs: Vec<Option<&pali::Mask>> = masks.iter().map(Some).collect();
-        let pic = pali::draw::draw_segments(&img, &boxes, &mask_refs);
+    let masks = found.masks();
+    if let Some(p) = outs.draw {
+        let pic = pali::draw::draw_segments(&img, &found.boxes(), &masks);
         pali::draw::save_png(&pic, p).map_err(|e| e.to_string())?;
     }
     if let Some(p) = outs.mask_out {
-        let refs: Vec<&pali::Mask> = masks.iter().collect();
-        pali::draw::save_mask_png(&refs, w, h, p).map_err(|e| e.to_string())?;
+        let refs: Vec<&pali::Mask> = masks.into_iter().flatten().collect();
+        pali::draw::save_mask_png(&refs, img.width, img.height, p).map_err(|e| e.to_string())?;
     }
     Ok(true)
+}
+
+/// The text form of detect / segment: one line per object, warnings on stderr.
+fn print_located(found: &pali::Located) {
+    for o in &found.objects {
+        let b = &o.bbox;
+        let [x1, y1, x2, y2] = b.rect().map(|v| v.round() as i64);
+        let mut line = format!("{}: {x1},{y1},{x2},{y2}", b.label);
+        if let Some(score) = b.score {
+            line.push_str(&format!(" score={score:.2}"));
+        }
+        if let Some(seg) = &o.segment {
+            let c: Vec<String> = seg.codes.iter().map(u8::to_string).collect();
+            line.push_str(&format!(" codes={}", c.join(",")));
+            if let Some(m) = &seg.mask {
+                line.push_str(&format!(" area={}", m.area()));
+            }
+        }
+        println!("{line}");
+    }
+    for wline in &found.warnings {
+        eprintln!("warning: {wline}");
+    }
+    if found.objects.is_empty() {
+        eprintln!("no objects found (the model answered {:?})", found.text);
+    }
 }
 
 /// `pali convert-vae`: the mask decoder GGUF next to the .npz unless `-o` says otherwise.
@@ -686,8 +619,8 @@ fn run_convert_vae(npz: &Path, out: Option<PathBuf>, force: bool) -> Result<Path
 
 /// Runs one prompt on each image; streams text (or prints JSON Lines); keeps going past bad
 /// images. Returns whether all succeeded.
-fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<bool, String> {
-    let (model, load_ms) = load_model(args)?;
+fn generate_each(images: &[PathBuf], task: &Task, args: &ModelArgs) -> Result<bool, String> {
+    let model = load_model(args, &model_paths(args, None, false)?)?;
     let opts = gen_options(args);
     let many = images.len() > 1;
     let bar = if many && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -718,7 +651,7 @@ fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<b
             if stream && many {
                 print!("{}: ", path.display());
             }
-            model.generate_encoded(img, prompt, &opts, &mut |piece| {
+            model.answer_encoded(img, task, &opts, &mut |piece| {
                 if stream {
                     print!("{piece}");
                     let _ = stdout.flush();
@@ -728,12 +661,7 @@ fn generate_each(images: &[PathBuf], prompt: &str, args: &ModelArgs) -> Result<b
         match res {
             Ok(g) => {
                 if args.json {
-                    let mut obj = serde_json::json!({
-                        "text": g.text,
-                        "tokens": g.tokens,
-                        "timings": timings_json(load_ms, &g.timings),
-                        "peak_rss_mb": pali::peak_rss_mb(),
-                    });
+                    let mut obj = answer_json(&g);
                     if many {
                         obj["path"] = serde_json::json!(path.display().to_string());
                     }
@@ -769,7 +697,8 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Result<(), String> {
-    let (model, load_ms) = load_model(args)?;
+    let model = load_model(args, &model_paths(args, None, false)?)?;
+    let load_ms = model.load_ms();
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
     // Like llama-bench's tg: exactly -n tokens, whatever they are.
     let opts = GenerateOptions {
@@ -811,7 +740,7 @@ fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Resul
 
 fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
     let items = pali::eval::read_set(set).map_err(|e| e.to_string())?;
-    let (model, _) = load_model(args)?;
+    let model = load_model(args, &model_paths(args, None, false)?)?;
     let report =
         pali::eval::evaluate(&model, &items, &gen_options(args)).map_err(|e| e.to_string())?;
     let obj = serde_json::json!({ "set": set.display().to_string(), "tasks": report });
@@ -884,7 +813,7 @@ fn main() -> ExitCode {
             if images.is_empty() {
                 Err("no images found".into())
             } else {
-                generate_each(&images, &Task::Caption { lang, long }.prompt(), &model)
+                generate_each(&images, &Task::Caption { lang, long }, &model)
             }
         }
         Command::Ask {
@@ -892,8 +821,8 @@ fn main() -> ExitCode {
             question,
             lang,
             model,
-        } => generate_each(&[image], &Task::Ask { lang, question }.prompt(), &model),
-        Command::Ocr { image, model } => generate_each(&[image], &Task::Ocr.prompt(), &model),
+        } => generate_each(&[image], &Task::Ask { lang, question }, &model),
+        Command::Ocr { image, model } => generate_each(&[image], &Task::Ocr, &model),
         Command::Detect {
             image,
             objects,
@@ -931,7 +860,7 @@ fn main() -> ExitCode {
             image,
             prompt,
             model,
-        } => generate_each(&[image], &Task::Raw(prompt).prompt(), &model),
+        } => generate_each(&[image], &Task::Raw(prompt), &model),
         Command::Bench {
             image,
             prompt,

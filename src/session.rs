@@ -53,6 +53,27 @@ pub struct DecodeOptions {
     pub ignore_eos: bool,
     /// Record each generated token's log-probability (one pass over the logits per token).
     pub logprobs: bool,
+    /// Stop sequences: generation ends where the text first contains one, and the text
+    /// ends just before it (OpenAI's `stop`).
+    pub stop: Vec<String>,
+    /// Checked before the prefix and after every token: once set, generation ends with
+    /// [`Error::Cancelled`].
+    pub cancel: Option<CancelFlag>,
+}
+
+/// A flag another thread (a server whose client left, a C caller's token callback) sets to
+/// end a generation early.
+pub type CancelFlag = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// The model wrote `<eos>`, or the text reached a stop sequence.
+    #[default]
+    Stop,
+    /// `n_predict` tokens were generated.
+    Length,
 }
 
 /// Rows of the decoder's token embedding table, read straight from the mapped GGUF
@@ -166,6 +187,8 @@ pub struct Generated {
     /// With [`DecodeOptions::logprobs`]: each generated token's log-probability under the
     /// model (softmax of its logits over the real vocabulary, before any temperature).
     pub token_logprobs: Vec<f32>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
 }
 
 /// Token sampling settings.
@@ -202,6 +225,8 @@ struct DecoderHeader {
     bos: u32,
     newline: Vec<u32>,
     stop: Vec<u32>,
+    /// `gemma2.context_length`: the context the model was trained for.
+    n_ctx_train: usize,
 }
 
 impl DecoderHeader {
@@ -209,6 +234,7 @@ impl DecoderHeader {
         DecoderFacts {
             hidden: self.embeddings.width,
             loc_token: self.tokenizer.token_to_id("<loc0000>"),
+            n_ctx_train: self.n_ctx_train,
         }
     }
 
@@ -260,6 +286,7 @@ impl DecoderHeader {
                 vocab_real
             )));
         }
+        let n_ctx_train = f.get_u32(keys::CONTEXT_LENGTH)? as usize;
         Ok(DecoderHeader {
             embeddings,
             tokenizer,
@@ -267,6 +294,7 @@ impl DecoderHeader {
             bos,
             newline,
             stop,
+            n_ctx_train,
         })
     }
 }
@@ -279,6 +307,8 @@ pub struct DecoderFacts {
     pub hidden: usize,
     /// Token id of `<loc0000>`, if the vocabulary has loc tokens.
     pub loc_token: Option<u32>,
+    /// The context length the model was trained for (`gemma2.context_length`).
+    pub n_ctx_train: usize,
 }
 
 impl Decoder {
@@ -390,6 +420,14 @@ impl Decoder {
         opts: &DecodeOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generated> {
+        let cancelled = || {
+            opts.cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
         let n = prefix.len();
         let need = n + n_predict.max(1);
         if opts.max_ctx > 0 && need > opts.max_ctx {
@@ -424,9 +462,10 @@ impl Decoder {
         let mut out = Generated {
             prefill_ms,
             memory_after_prefill,
+            finish_reason: FinishReason::Length,
             ..Default::default()
         };
-        let mut shown = String::new();
+        let mut stream = TextStream::new(&opts.stop);
         for step in 0..n_predict {
             let logits = &ctx.logits()[..self.header.vocab_real];
             if step == 0 {
@@ -434,6 +473,7 @@ impl Decoder {
             }
             let tok = sample(logits, sampling, &mut rng);
             if self.header.stop.contains(&tok) && !opts.ignore_eos {
+                out.finish_reason = FinishReason::Stop;
                 break;
             }
             out.tokens.push(tok);
@@ -446,26 +486,90 @@ impl Decoder {
                 .tokenizer
                 .decode(&out.tokens, true)
                 .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
-            // Stream only text that extends what was already shown with complete characters
-            // (a byte-fallback piece can end mid-UTF-8 and change how earlier bytes decode).
-            if !text.ends_with('\u{fffd}')
-                && text.len() > shown.len()
-                && text.starts_with(shown.as_str())
-            {
-                on_text(&text[shown.len()..]);
-                shown = text.clone();
+            if stream.update(text, on_text) {
+                out.finish_reason = FinishReason::Stop;
+                break;
             }
-            out.text = text;
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
             if step + 1 < n_predict {
                 ctx.decode_token(tok as i32, (n + step) as i32)?;
                 out.decode_steps += 1;
             }
         }
-        if out.text.len() > shown.len() && out.text.starts_with(shown.as_str()) {
-            on_text(&out.text[shown.len()..]);
-        }
+        out.text = stream.finish(on_text);
         out.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok(out)
+    }
+}
+
+/// Streams the generated text as it grows: only whole characters (a byte-fallback piece can
+/// end mid-UTF-8 and change how earlier bytes decode) that extend what was already shown, and
+/// never a tail that could still turn into a stop sequence.
+struct TextStream<'a> {
+    stop: &'a [String],
+    text: String,
+    shown: String,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(stop: &'a [String]) -> Self {
+        TextStream {
+            stop,
+            text: String::new(),
+            shown: String::new(),
+        }
+    }
+
+    /// Takes the whole text decoded so far; returns true when it reached a stop sequence
+    /// (the text is then cut just before it).
+    fn update(&mut self, text: String, on_text: &mut dyn FnMut(&str)) -> bool {
+        let hit = self
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min();
+        if let Some(cut) = hit {
+            self.text = text[..cut].to_string();
+            return true;
+        }
+        self.text = text;
+        if self.text.ends_with('\u{fffd}') {
+            return false;
+        }
+        let ready = self.text.len() - self.held_back();
+        if ready > self.shown.len() && self.text.starts_with(self.shown.as_str()) {
+            on_text(&self.text[self.shown.len()..ready]);
+            self.shown = self.text[..ready].to_string();
+        }
+        false
+    }
+
+    /// Bytes at the end of the text that begin some stop sequence (a suffix that is valid
+    /// UTF-8 on its own starts on a character boundary).
+    fn held_back(&self) -> usize {
+        self.stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .rev()
+                    .filter(|&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|p| self.text.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Shows what was held back and returns the final text.
+    fn finish(self, on_text: &mut dyn FnMut(&str)) -> String {
+        if self.text.len() > self.shown.len() && self.text.starts_with(self.shown.as_str()) {
+            on_text(&self.text[self.shown.len()..]);
+        }
+        self.text
     }
 }
 
@@ -582,6 +686,41 @@ mod tests {
             a.iter().any(|&t| t != 1),
             "temperature 1 should not always pick the top token"
         );
+    }
+
+    /// Feeds `steps` (the whole text after each token) and returns (pieces shown, final text,
+    /// whether a stop sequence was hit).
+    fn stream(stop: &[&str], steps: &[&str]) -> (Vec<String>, String, bool) {
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let mut t = TextStream::new(&stop);
+        let mut pieces = Vec::new();
+        let mut hit = false;
+        for s in steps {
+            if t.update(s.to_string(), &mut |p| pieces.push(p.to_string())) {
+                hit = true;
+                break;
+            }
+        }
+        let text = t.finish(&mut |p| pieces.push(p.to_string()));
+        (pieces, text, hit)
+    }
+
+    #[test]
+    fn stop_sequences_end_the_text_and_are_never_streamed() {
+        let (pieces, text, hit) = stream(&["square"], &["a red", "a red squ", "a red square and"]);
+        assert!(hit);
+        assert_eq!(text, "a red ");
+        assert_eq!(pieces.concat(), "a red ");
+        assert!(pieces.iter().all(|p| !p.contains("squ")), "{pieces:?}");
+        // A held-back tail that does not become the stop sequence is shown later.
+        let (pieces, text, hit) = stream(&["square"], &["a squ", "a squid"]);
+        assert!(!hit);
+        assert_eq!(text, "a squid");
+        assert_eq!(pieces, ["a ", "squid"]);
+        // Without stop sequences every step shows its new characters, but never half of one.
+        let (pieces, text, _) = stream(&[], &["a", "a\u{fffd}", "a\u{e9}"]);
+        assert_eq!(text, "a\u{e9}");
+        assert_eq!(pieces, ["a", "\u{e9}"]);
     }
 
     #[test]
