@@ -53,9 +53,12 @@ pub enum Error {
     /// A model file is missing, of the wrong kind, or inconsistent.
     #[error("{0}")]
     Model(String),
-    /// The prompt does not fit.
+    /// The prompt is unusable.
     #[error("{0}")]
     Prompt(String),
+    /// The prefix and the tokens to generate do not fit the context (`-c`).
+    #[error("{0}")]
+    ContextLength(String),
     /// File system errors.
     #[error("{0}")]
     Io(String),
@@ -453,13 +456,6 @@ impl Model {
     /// The context length the decoder was trained for (8192 for PaliGemma 2).
     pub fn n_ctx_train(&self) -> usize {
         self.n_ctx_train
-    }
-
-    /// Prefix tokens a prompt takes (image tokens, `<bos>`, the prompt, `"\n"`): with the
-    /// tokens to generate, what the context must hold.
-    pub fn prefix_len(&self, prompt: &str) -> Result<usize> {
-        let text = self.with_decoder(|d| d.tokenize(prompt))?.len();
-        Ok(self.image_tokens + text + 2)
     }
 
     /// The mask decoder loaded with the model ([`ModelPaths::mask_decoder`]), if any.

@@ -431,7 +431,7 @@ impl Decoder {
         let n = prefix.len();
         let need = n + n_predict.max(1);
         if opts.max_ctx > 0 && need > opts.max_ctx {
-            return Err(Error::Prompt(format!(
+            return Err(Error::ContextLength(format!(
                 "the prompt needs {n} prefix tokens + {n_predict} to generate = {need}, more than --ctx-size {}",
                 opts.max_ctx
             )));

@@ -1,0 +1,353 @@
+//! `POST /v1/chat/completions` in OpenAI's shapes: the request (one user message holding the
+//! PaliGemma prompt and one image) and the response, whole or as SSE chunks.
+
+use crate::engine::{Completion, Sampling, Usage};
+use crate::error::ApiError;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[allow(dead_code)]
+    model: Option<String>,
+    messages: Vec<Message>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Part {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImageUrl {
+    Url(String),
+    Object { url: String },
+}
+
+/// A chat request reduced to what PaliGemma takes.
+#[derive(Debug)]
+pub struct ChatJob {
+    /// The PaliGemma prompt.
+    pub prompt: String,
+    /// The image file's bytes.
+    pub image: Vec<u8>,
+    #[allow(missing_docs)]
+    pub sampling: Sampling,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+}
+
+/// Parses and checks a chat request body.
+pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiError> {
+    let req: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("malformed chat request: {e}")))?;
+    if let Some(n) = req.n.filter(|&n| n != 1) {
+        return Err(ApiError::invalid(format!(
+            "n = {n}: only one choice per request is supported (send n = 1)"
+        )));
+    }
+    let (prompt, image) = prompt_and_image(&req.messages, allow_files)?;
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid(format!(
+                "max_tokens = {m}: must be at least 1"
+            )))
+        }
+        m => m.map(|m| m as usize),
+    };
+    if let Some(t) = req.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+        return Err(ApiError::invalid(format!(
+            "temperature = {t}: must be between 0 and 2"
+        )));
+    }
+    if let Some(p) = req.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        return Err(ApiError::invalid(format!("top_p = {p}: must be in (0, 1]")));
+    }
+    if let Some(k) = req.top_k.filter(|&k| k < 0) {
+        return Err(ApiError::invalid(format!(
+            "top_k = {k}: must be 0 (off) or more"
+        )));
+    }
+    if let Some(s) = req.seed.filter(|&s| s < 0) {
+        return Err(ApiError::invalid(format!(
+            "seed = {s}: must not be negative"
+        )));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::invalid(format!(
+            "stop has {} sequences: at most 4",
+            stop.len()
+        )));
+    }
+    Ok(ChatJob {
+        prompt,
+        image,
+        sampling: Sampling {
+            max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k.map(|k| k as usize),
+            seed: req.seed.map(|s| s as u64),
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            ignore_eos: req.ignore_eos,
+        },
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The one user message's text (the prompt) and its one image.
+fn prompt_and_image(
+    messages: &[Message],
+    allow_files: Option<&Path>,
+) -> Result<(String, Vec<u8>), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages is empty: send one user message with the prompt and the image",
+        ));
+    }
+    if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| m.role != "user") {
+        return Err(ApiError::invalid(format!(
+            "messages[{i}] has role {:?}: PaliGemma answers one prompt about one image, so send exactly one user message",
+            m.role
+        )));
+    }
+    if messages.len() > 1 {
+        return Err(ApiError::invalid(format!(
+            "{} user messages: PaliGemma answers one prompt about one image, so send exactly one",
+            messages.len()
+        )));
+    }
+    let mut text = Vec::new();
+    let mut images = Vec::new();
+    match &messages[0].content {
+        None => {}
+        Some(Content::Text(t)) => text.push(t.as_str()),
+        Some(Content::Parts(parts)) => {
+            for (j, p) in parts.iter().enumerate() {
+                match p {
+                    Part::Text { text: t } => text.push(t.as_str()),
+                    Part::ImageUrl { image_url } => {
+                        let url = match image_url {
+                            ImageUrl::Url(u) | ImageUrl::Object { url: u } => u,
+                        };
+                        images.push((j, url));
+                    }
+                }
+            }
+        }
+    }
+    let image = match images.as_slice() {
+        [] => {
+            return Err(ApiError::invalid(
+                "no image: add one image_url content part (data:image/...;base64,...)",
+            ))
+        }
+        [(j, url)] => crate::input::image_from_url(
+            url,
+            allow_files,
+            &format!("messages[0].content[{j}].image_url"),
+        )?,
+        more => {
+            return Err(ApiError::invalid(format!(
+                "{} images in messages[0].content: PaliGemma takes one image per request",
+                more.len()
+            )))
+        }
+    };
+    let prompt = text
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "no text: add a text content part with the PaliGemma prompt, e.g. \"caption en\"",
+        ));
+    }
+    Ok((prompt, image))
+}
+
+/// Identifies one response (its id, creation time and model), shared by all its chunks.
+#[derive(Debug, Clone)]
+pub struct ResponseId {
+    /// `chatcmpl-…`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    #[allow(missing_docs)]
+    pub model: String,
+}
+
+/// OpenAI's `usage`.
+pub fn usage_json(u: Usage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// A whole `chat.completion`.
+pub fn completion_json(r: &ResponseId, c: &Completion) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "object": "chat.completion", "created": r.created, "model": r.model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": c.text },
+            "logprobs": null,
+            "finish_reason": c.finish_reason,
+        }],
+        "usage": usage_json(c.usage),
+        "timings": c.timings,
+    })
+}
+
+/// One `chat.completion.chunk`: a delta, or the last one with its finish reason.
+pub fn chunk_json(
+    r: &ResponseId,
+    delta: serde_json::Value,
+    finish_reason: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.model,
+        "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
+    })
+}
+
+/// The extra chunk `stream_options.include_usage` asks for: no choices, the usage.
+pub fn usage_chunk_json(r: &ResponseId, u: Usage) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.model,
+        "choices": [], "usage": usage_json(u),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IMG: &str = "data:image/png;base64,aGVsbG8=";
+
+    fn req(v: serde_json::Value) -> Result<ChatJob, ApiError> {
+        parse(v.to_string().as_bytes(), None)
+    }
+
+    fn user(parts: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({ "model": "m", "messages": [{ "role": "user", "content": parts }] })
+    }
+
+    #[test]
+    fn a_prompt_and_an_image() {
+        let j = req(user(serde_json::json!([
+            { "type": "text", "text": " caption en " },
+            { "type": "image_url", "image_url": { "url": IMG } },
+        ])))
+        .unwrap();
+        assert_eq!(j.prompt, "caption en");
+        assert_eq!(j.image, b"hello");
+        assert!(!j.stream);
+        assert_eq!(j.sampling, Sampling::default());
+    }
+
+    #[test]
+    fn what_is_refused() {
+        let img = serde_json::json!({ "type": "image_url", "image_url": { "url": IMG } });
+        let text = serde_json::json!({ "type": "text", "text": "caption en" });
+        let cases = [
+            (serde_json::json!({"messages": "x"}), "malformed"),
+            (serde_json::json!({"messages": []}), "messages is empty"),
+            (user(serde_json::json!([text])), "no image"),
+            (user(serde_json::json!([img, img, text])), "2 images"),
+            (user(serde_json::json!([img])), "no text"),
+            (user(serde_json::json!("caption en")), "no image"),
+            (
+                serde_json::json!({"messages": [{"role": "system", "content": "hi"}]}),
+                "role \"system\"",
+            ),
+        ];
+        for (body, needle) in cases {
+            let e = req(body.clone()).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+        let ok = user(serde_json::json!([img, text]));
+        for (field, value, needle) in [
+            ("n", serde_json::json!(2), "n = 2"),
+            ("max_tokens", serde_json::json!(0), "max_tokens = 0"),
+            ("temperature", serde_json::json!(3.0), "temperature = 3"),
+            ("top_p", serde_json::json!(0.0), "top_p = 0"),
+            (
+                "stop",
+                serde_json::json!(["a", "b", "c", "d", "e"]),
+                "at most 4",
+            ),
+            ("seed", serde_json::json!(-1), "seed = -1"),
+        ] {
+            let mut body = ok.clone();
+            body[field] = value;
+            let e = req(body).unwrap_err();
+            assert!(e.message.contains(needle), "{field}: {}", e.message);
+        }
+        let mut body = ok.clone();
+        body["stop"] = serde_json::json!("square");
+        body["max_completion_tokens"] = serde_json::json!(5);
+        body["stream"] = serde_json::json!(true);
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+        let j = req(body).unwrap();
+        assert_eq!(j.sampling.stop, ["square"]);
+        assert_eq!(j.sampling.max_tokens, Some(5));
+        assert!(j.stream && j.include_usage);
+    }
+}

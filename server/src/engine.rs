@@ -1,0 +1,142 @@
+//! What the server asks of the model behind it: one trait, plain request and result structs.
+//! `pali serve` implements it with `pali::Model`; the server knows HTTP, not PaliGemma.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Set by the server when the client has gone or the request timed out: the engine stops
+/// generating at its next token.
+pub type CancelFlag = Arc<AtomicBool>;
+
+/// Decoding settings from a request; `None` = the server's defaults (its command line).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    /// `max_tokens` / `max_completion_tokens`.
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling (1 = off).
+    pub top_p: Option<f32>,
+    /// Top-k sampling (0 = off; llama-server's extension).
+    pub top_k: Option<usize>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// Stop sequences (at most 4, as OpenAI).
+    pub stop: Vec<String>,
+    /// Generate exactly `max_tokens`, past the end of text (llama-server's `ignore_eos`).
+    pub ignore_eos: bool,
+}
+
+/// A prompt about one image.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    /// The image file's bytes (JPEG, PNG, WebP, …), not yet decoded.
+    pub image: Vec<u8>,
+    /// The PaliGemma prompt (`caption en`, `detect cat ; dog`, `answer en …`).
+    pub prompt: String,
+    #[allow(missing_docs)]
+    pub sampling: Sampling,
+    #[allow(missing_docs)]
+    pub cancel: CancelFlag,
+}
+
+/// Object names to find (or segment) in one image.
+#[derive(Debug, Clone)]
+pub struct LocateRequest {
+    /// The image file's bytes.
+    pub image: Vec<u8>,
+    /// Object names (an entry may itself hold `a ; b`).
+    pub objects: Vec<String>,
+    /// `segment` instead of `detect`.
+    pub segment: bool,
+    #[allow(missing_docs)]
+    pub sampling: Sampling,
+    #[allow(missing_docs)]
+    pub cancel: CancelFlag,
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Prefix tokens: image tokens, `<bos>`, the prompt and the separator.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+/// Where a request's time went, by stage (`preprocess`, `vision`, `prefill`, `decode`), in
+/// milliseconds: exported in `/metrics`.
+pub type Stages = Vec<(&'static str, f64)>;
+
+/// A finished text generation.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The answer.
+    pub text: String,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+    #[allow(missing_docs)]
+    pub usage: Usage,
+    #[allow(missing_docs)]
+    pub stages: Stages,
+    /// The engine's own timing object, passed through as `timings` (as llama-server does).
+    pub timings: serde_json::Value,
+}
+
+/// A finished detect / segment request.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// The response body: exactly what `pali detect --json` / `pali segment --json` prints.
+    pub json: serde_json::Value,
+    #[allow(missing_docs)]
+    pub usage: Usage,
+    #[allow(missing_docs)]
+    pub stages: Stages,
+}
+
+/// What went wrong, as the client should hear it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong: an unreadable or oversized image, no object names, … (400).
+    InvalidRequest,
+    /// The prompt and `max_tokens` do not fit the context (400, `context_length_exceeded`).
+    ContextLength,
+    /// The cancel flag was seen.
+    Cancelled,
+    /// The engine failed (500).
+    Internal,
+}
+
+/// An engine error: its kind and a message naming the problem.
+#[derive(Debug, Clone)]
+pub struct EngineError {
+    #[allow(missing_docs)]
+    pub kind: ErrorKind,
+    #[allow(missing_docs)]
+    pub message: String,
+}
+
+impl EngineError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        EngineError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The model behind the server. Calls come from blocking worker threads, at most
+/// `--parallel` at a time.
+pub trait Engine: Send + Sync + 'static {
+    /// The model name shown in `/v1/models` and in responses.
+    fn model_id(&self) -> String;
+    /// Runs a prompt on an image; `on_text` receives the answer as it grows.
+    fn complete(
+        &self,
+        req: CompletionRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Completion, EngineError>;
+    /// Finds or segments objects.
+    fn locate(&self, req: LocateRequest) -> Result<Located, EngineError>;
+}
