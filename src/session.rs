@@ -466,6 +466,7 @@ impl Decoder {
             ..Default::default()
         };
         let mut stream = TextStream::new(&opts.stop);
+        let mut detok = Detokenizer::default();
         for step in 0..n_predict {
             let logits = &ctx.logits()[..self.header.vocab_real];
             if step == 0 {
@@ -481,12 +482,7 @@ impl Decoder {
                 out.token_logprobs
                     .push(log_softmax_at(logits, tok as usize));
             }
-            let text = self
-                .header
-                .tokenizer
-                .decode(&out.tokens, true)
-                .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
-            if stream.update(text, on_text) {
+            if stream.update(detok.push(&self.header.tokenizer, tok)?, on_text) {
                 out.finish_reason = FinishReason::Stop;
                 break;
             }
@@ -498,9 +494,60 @@ impl Decoder {
                 out.decode_steps += 1;
             }
         }
-        out.text = stream.finish(on_text);
+        out.text = if out.finish_reason == FinishReason::Stop && stream.hit {
+            stream.finish(on_text)
+        } else {
+            // The whole answer decoded at once is the reference text (what HF's decode
+            // gives); the pieces streamed were decoded incrementally.
+            let full = self
+                .header
+                .tokenizer
+                .decode(&out.tokens, true)
+                .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
+            stream.finish_with(full, on_text)
+        };
         out.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok(out)
+    }
+}
+
+/// Incremental detokenization: each step decodes only the tokens since the last complete
+/// piece, with the piece before them as context (whose text is then subtracted: a
+/// SentencePiece decoder treats the first token of a sequence differently), so a long
+/// generation costs linear time, not the quadratic cost of decoding everything each step.
+/// Special tokens (dropped from the text anyway) are left out so they cannot pile up in
+/// the window.
+#[derive(Default)]
+struct Detokenizer {
+    ids: Vec<u32>,
+    text: String,
+    prefix: usize,
+    read: usize,
+}
+
+impl Detokenizer {
+    /// Adds a token; returns the text so far.
+    fn push(&mut self, tokenizer: &tokenizers::Tokenizer, id: u32) -> Result<&str> {
+        let special = tokenizer
+            .id_to_token(id)
+            .is_some_and(|t| tokenizer.get_added_vocabulary().is_special_token(&t));
+        if special {
+            return Ok(&self.text);
+        }
+        self.ids.push(id);
+        let decode = |ids: &[u32]| {
+            tokenizer
+                .decode(ids, true)
+                .map_err(|e| Error::Model(format!("tokenizer: {e}")))
+        };
+        let before = decode(&self.ids[self.prefix..self.read])?;
+        let now = decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{fffd}') && now.starts_with(&before) {
+            self.text.push_str(&now[before.len()..]);
+            self.prefix = self.read;
+            self.read = self.ids.len();
+        }
+        Ok(&self.text)
     }
 }
 
@@ -511,6 +558,8 @@ struct TextStream<'a> {
     stop: &'a [String],
     text: String,
     shown: String,
+    /// A stop sequence was reached.
+    hit: bool,
 }
 
 impl<'a> TextStream<'a> {
@@ -519,23 +568,28 @@ impl<'a> TextStream<'a> {
             stop,
             text: String::new(),
             shown: String::new(),
+            hit: false,
         }
     }
 
     /// Takes the whole text decoded so far; returns true when it reached a stop sequence
     /// (the text is then cut just before it).
-    fn update(&mut self, text: String, on_text: &mut dyn FnMut(&str)) -> bool {
+    fn update(&mut self, text: &str, on_text: &mut dyn FnMut(&str)) -> bool {
+        // A stop sequence can only begin in what was not shown yet.
+        let from = self.shown.len();
         let hit = self
             .stop
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| text.get(from..)?.find(s.as_str()).map(|i| from + i))
             .min();
         if let Some(cut) = hit {
             self.text = text[..cut].to_string();
+            self.hit = true;
             return true;
         }
-        self.text = text;
+        self.text.clear();
+        self.text.push_str(text);
         if self.text.ends_with('\u{fffd}') {
             return false;
         }
@@ -562,6 +616,12 @@ impl<'a> TextStream<'a> {
             .map(str::len)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Shows the rest of `full` (the final text) and returns it.
+    fn finish_with(mut self, full: String, on_text: &mut dyn FnMut(&str)) -> String {
+        self.text = full;
+        self.finish(on_text)
     }
 
     /// Shows what was held back and returns the final text.
@@ -696,7 +756,7 @@ mod tests {
         let mut pieces = Vec::new();
         let mut hit = false;
         for s in steps {
-            if t.update(s.to_string(), &mut |p| pieces.push(p.to_string())) {
+            if t.update(s, &mut |p| pieces.push(p.to_string())) {
                 hit = true;
                 break;
             }

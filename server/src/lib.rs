@@ -359,10 +359,17 @@ struct CancelOnDrop<'a, E: Engine> {
 
 impl<E: Engine> Drop for CancelOnDrop<'_, E> {
     fn drop(&mut self) {
-        if self.armed && !self.flag.swap(true, Ordering::Relaxed) {
-            log::info!("client gone: cancelling its request");
-            self.state.metrics.cancelled();
+        if self.armed {
+            client_gone(self.state, &self.flag);
         }
+    }
+}
+
+/// Cancels a request whose client has gone (counted once).
+fn client_gone<E: Engine>(state: &ServerState<E>, flag: &CancelFlag) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        log::info!("client gone: cancelling its request");
+        state.metrics.cancelled();
     }
 }
 
@@ -487,11 +494,12 @@ async fn stream_chat<E: Engine>(
         let (state, cancel) = (state.clone(), cancel.clone());
         tokio::spawn(async move {
             let pieces = ptx.clone();
-            let flag = cancel.clone();
+            let (st, flag) = (state.clone(), cancel.clone());
             let r = run(&state, &cancel, move |e| {
                 e.complete(req, &mut |p| {
+                    // Nobody listens: the handler was dropped before the stream began.
                     if pieces.send(Progress::Piece(p.to_string())).is_err() {
-                        flag.store(true, Ordering::Relaxed);
+                        client_gone(&st, &flag);
                     }
                 })
             })
@@ -530,15 +538,25 @@ async fn stream_chat<E: Engine>(
                 }
                 Progress::Done(Err(e)) => send(e.body()).is_err(),
             };
-            if gone && !cancel.swap(true, Ordering::Relaxed) {
-                log::info!("client gone: cancelling its stream");
-                state.metrics.cancelled();
+            if gone {
+                client_gone(&state, &cancel);
             }
-            next = prx.recv().await;
+            // The body is dropped once a write fails: then cancel at once, not at the next
+            // piece (a long prefill, or tokens that add no text, write nothing).
+            next = tokio::select! {
+                p = prx.recv() => p,
+                () = etx.closed(), if !gone => {
+                    gone = true;
+                    client_gone(&state, &cancel);
+                    prx.recv().await
+                }
+            };
         }
     });
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(erx);
-    Ok(Sse::new(stream).into_response())
+    // Keep-alive comments make a silent stream write, so a closed connection is noticed.
+    let keep_alive = axum::response::sse::KeepAlive::new().interval(Duration::from_millis(500));
+    Ok(Sse::new(stream).keep_alive(keep_alive).into_response())
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,779 @@
+//! `pali serve` over real HTTP on 127.0.0.1 (port 0), with the bundled demo model: answers
+//! equal the CLI's, every error gets its OpenAI status and body and the server keeps
+//! serving, limits, cancellation and a clean SIGTERM. Plain `std::net` requests, so the
+//! tests can also send what no HTTP client would.
+#![cfg(feature = "serve")]
+
+mod common;
+
+use common::{assert_success, pali_cmd};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `pali serve` process, stopped with SIGTERM (and checked to exit 0) or killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = pali_cmd()
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("pali serve starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("pali serve prints its address")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("pali: listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let server = Server { child, addr };
+        let t0 = Instant::now();
+        while server.get("/health").status != 200 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "model never loaded");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        http(&self.addr, "GET", path, &[], b"")
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Reply {
+        http(&self.addr, "POST", path, &[], body.to_string().as_bytes())
+    }
+
+    /// The value of a `/metrics` series.
+    fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// SIGTERM, then the exit status must be success.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert_success(
+            &std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .output()
+                .unwrap(),
+        );
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "pali serve exited with {status} after SIGTERM"
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// Checks an OpenAI error reply: status, `type`, `code`, and words of the message.
+    fn assert_error(&self, status: u16, code: &str, needle: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        let e = &self.json()["error"];
+        assert_eq!(e["code"], code, "{}", self.body);
+        assert!(e["type"].is_string(), "{}", self.body);
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`), the whole reply read back.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before it has read a large body.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(raw);
+    let (headers, body) = text.split_once("\r\n\r\n").expect("a reply with headers");
+    let status = headers.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = headers.to_ascii_lowercase();
+    let body = if headers.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn example(name: &str) -> String {
+    common::root()
+        .join("examples/images")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn data_url(path: &str) -> String {
+    format!(
+        "data:image/png;base64,{}",
+        base64(&std::fs::read(path).unwrap())
+    )
+}
+
+/// A chat request: one user message with the prompt and the given image URLs.
+fn chat(prompt: &str, images: &[&str], extra: Value) -> Value {
+    let mut content = vec![json!({ "type": "text", "text": prompt })];
+    content.extend(
+        images
+            .iter()
+            .map(|u| json!({ "type": "image_url", "image_url": { "url": u } })),
+    );
+    let mut body = json!({ "model": "pali", "messages": [{ "role": "user", "content": content }] });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// `pali ARGS --json`, parsed.
+fn cli_json(args: &[&str]) -> Value {
+    let out = pali_cmd().args(args).arg("--json").output().unwrap();
+    assert_success(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn chat_answers_equal_the_cli_whole_and_streamed() {
+    let server = Server::start(&[]);
+    for name in ["three_shapes_wide.png", "two_shapes_tall.png"] {
+        let img = example(name);
+        let cli = cli_json(&["caption", &img]);
+        let r = server.post(
+            "/v1/chat/completions",
+            &chat("caption en", &[&data_url(&img)], json!({})),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(v["choices"][0]["message"]["content"], cli["text"], "{name}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let n_tokens = cli["tokens"].as_array().unwrap().len();
+        assert_eq!(v["usage"]["completion_tokens"], n_tokens);
+        assert_eq!(v["usage"]["prompt_tokens"], cli["timings"]["n_prefix"]);
+        assert_eq!(
+            v["usage"]["total_tokens"],
+            n_tokens as u64 + cli["timings"]["n_prefix"].as_u64().unwrap()
+        );
+
+        let extra = json!({ "stream": true, "stream_options": { "include_usage": true } });
+        let r = server.post(
+            "/v1/chat/completions",
+            &chat("caption en", &[&data_url(&img)], extra),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.headers.contains("content-type: text/event-stream"),
+            "{}",
+            r.headers
+        );
+        let data = sse_data(&r.body);
+        assert_eq!(data.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert!(chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(
+            text,
+            cli["text"].as_str().unwrap(),
+            "{name}: the streamed pieces"
+        );
+        assert!(chunks.len() > 4, "streamed in pieces: {chunks:?}");
+        let finish: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+            .map(|c| &c["choices"][0]["finish_reason"])
+            .collect();
+        assert_eq!(finish, [&json!("stop")]);
+        let usage = chunks.last().unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["completion_tokens"], n_tokens);
+    }
+    // max_tokens and stop sequences.
+    let img = data_url(&example("three_shapes_wide.png"));
+    let r = server.post(
+        "/v1/chat/completions",
+        &chat("caption en", &[&img], json!({ "max_tokens": 2 })),
+    );
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+    let r = server.post(
+        "/v1/chat/completions",
+        &chat("caption en", &[&img], json!({ "stop": [" blue"] })),
+    );
+    let v = r.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "a red circle, a");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let models = server.get("/v1/models").json();
+    assert_eq!(models["data"][0]["id"], "pali-demo-F16");
+    let metrics = server.get("/metrics").body;
+    assert!(
+        metrics.contains("pali_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 6"),
+        "{metrics}"
+    );
+    assert!(server.metric("pali_completion_tokens_total") > 10.0);
+    assert!(server.metric("pali_stage_seconds_count{stage=\"vision\"}") >= 6.0);
+    server.stop();
+}
+
+#[test]
+fn detect_and_segment_equal_the_cli() {
+    let server = Server::start(&[]);
+    let same = |api: &Value, cli: &Value| {
+        for k in ["objects", "text", "tokens", "image", "warnings"] {
+            assert_eq!(api[k], cli[k], "{k}");
+        }
+    };
+    let img = example("three_shapes_wide.png");
+    let cli = cli_json(&["detect", &img, "circle ; square"]);
+    assert!(!cli["objects"].as_array().unwrap().is_empty());
+    let body =
+        json!({ "image": base64(&std::fs::read(&img).unwrap()), "objects": ["circle", "square"] });
+    let r = server.post("/v1/detect", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    same(&r.json(), &cli);
+    // The same as a multipart upload, objects as one "a ; b" field.
+    let boundary = "pali-test-boundary";
+    let mut form = Vec::new();
+    form.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"objects\"\r\n\r\ncircle ; square\r\n").as_bytes());
+    form.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").as_bytes());
+    form.extend(std::fs::read(&img).unwrap());
+    form.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let ctype = format!("multipart/form-data; boundary={boundary}");
+    let r = http(
+        &server.addr,
+        "POST",
+        "/v1/detect",
+        &[("Content-Type", &ctype)],
+        &form,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    same(&r.json(), &cli);
+
+    let img = example("one_shape.png");
+    let cli = cli_json(&["segment", &img, "triangle"]);
+    assert!(
+        cli["objects"][0]["mask"]["counts"].is_array(),
+        "bundled mask decoder: {cli}"
+    );
+    let body = json!({ "image": data_url(&img), "objects": "triangle" });
+    let r = server.post("/v1/segment", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    same(&r.json(), &cli);
+    server.stop();
+}
+
+/// A PNG whose header claims `w` × `h` pixels, with almost no pixel data.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |ty: &[u8], data: &[u8]| {
+        let body = [ty, data].concat();
+        png.extend((data.len() as u32).to_be_bytes());
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    chunk(
+        b"IHDR",
+        &[&w.to_be_bytes()[..], &h.to_be_bytes(), &[8, 2, 0, 0, 0]].concat(),
+    );
+    chunk(b"IDAT", &[0x78, 0x9c]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let server = Server::start(&[]);
+    let img = data_url(&example("two_shapes_small.png"));
+    let expected = cli_json(&["caption", &example("two_shapes_small.png")])["text"].clone();
+    let garbage = format!(
+        "data:image/png;base64,{}",
+        base64(b"this is not an image at all")
+    );
+    let huge = format!(
+        "data:image/png;base64,{}",
+        base64(&png_header(20_000, 20_000))
+    );
+    let raw = |body: &str| {
+        http(
+            &server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            body.as_bytes(),
+        )
+    };
+    let cases: Vec<(Reply, u16, &str, &str)> = vec![
+        (
+            raw("{\"messages\": [{"),
+            400,
+            "invalid_request",
+            "malformed",
+        ),
+        (raw(""), 400, "invalid_request", "malformed"),
+        (
+            server.post("/v1/chat/completions", &chat("caption en", &[], json!({}))),
+            400,
+            "invalid_request",
+            "no image",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &[&img, &img], json!({})),
+            ),
+            400,
+            "invalid_request",
+            "2 images",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &["data:image/png;base64,%%%"], json!({})),
+            ),
+            400,
+            "invalid_request",
+            "bad base64",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &[&garbage], json!({})),
+            ),
+            400,
+            "invalid_request",
+            "image",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &[&huge], json!({})),
+            ),
+            400,
+            "invalid_request",
+            "400000000",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &["https://example.com/cat.jpg"], json!({})),
+            ),
+            400,
+            "invalid_request",
+            "remote image URLs",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &["/etc/passwd"], json!({})),
+            ),
+            400,
+            "invalid_request",
+            "--allow-files",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &[&img], json!({ "n": 2 })),
+            ),
+            400,
+            "invalid_request",
+            "n = 2",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &[&img], json!({ "max_tokens": 9000 })),
+            ),
+            400,
+            "context_length_exceeded",
+            "8192",
+        ),
+        (
+            server.post(
+                "/v1/chat/completions",
+                &chat(
+                    "caption en",
+                    &[&img],
+                    json!({ "max_tokens": 9000, "stream": true }),
+                ),
+            ),
+            400,
+            "context_length_exceeded",
+            "8192",
+        ),
+        (
+            server.post("/v1/detect", &json!({ "image": img, "objects": [" ; "] })),
+            400,
+            "invalid_request",
+            "no object names",
+        ),
+        (
+            server.post("/v1/detect", &json!({ "objects": ["circle"] })),
+            400,
+            "invalid_request",
+            "no image",
+        ),
+        (
+            http(
+                &server.addr,
+                "POST",
+                "/v1/segment",
+                &[("Content-Type", "multipart/form-data; boundary=x")],
+                b"--x\r\nbroken",
+            ),
+            400,
+            "invalid_request",
+            "multipart",
+        ),
+        (server.get("/v1/nothing"), 404, "not_found", "/v1/nothing"),
+    ];
+    for (i, (reply, status, code, needle)) in cases.iter().enumerate() {
+        reply.assert_error(*status, code, needle);
+        // The server still answers, and correctly.
+        if i % 4 == 3 {
+            let ok = server.post(
+                "/v1/chat/completions",
+                &chat("caption en", &[&img], json!({})),
+            );
+            assert_eq!(ok.json()["choices"][0]["message"]["content"], expected);
+        }
+    }
+    // Not HTTP at all, then a request cut off mid-body: the server shrugs both off.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty() || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
+        "{buf:?}"
+    );
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"mess")
+        .unwrap();
+    drop(s);
+    let ok = server.post(
+        "/v1/chat/completions",
+        &chat("caption en", &[&img], json!({})),
+    );
+    assert_eq!(ok.json()["choices"][0]["message"]["content"], expected);
+    let bad =
+        server.metric("pali_requests_total{endpoint=\"/v1/chat/completions\",status=\"400\"}");
+    assert!(bad >= 12.0, "{bad}");
+    server.stop();
+}
+
+#[test]
+fn body_limit_api_key_and_files() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-allow");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(example("one_shape.png"), dir.join("one.png")).unwrap();
+    let allow = dir.display().to_string();
+    let server = Server::start(&[
+        "--api-key",
+        "s3cret",
+        "--max-body",
+        "100000",
+        "--allow-files",
+        &allow,
+    ]);
+    let auth = [("Authorization", "Bearer s3cret")];
+    let body = chat("caption en", &["one.png"], json!({})).to_string();
+    let post = |headers: &[(&str, &str)], body: &str| {
+        http(
+            &server.addr,
+            "POST",
+            "/v1/chat/completions",
+            headers,
+            body.as_bytes(),
+        )
+    };
+    post(&[], &body).assert_error(401, "invalid_api_key", "API key");
+    post(&[("Authorization", "Bearer s3cre")], &body).assert_error(
+        401,
+        "invalid_api_key",
+        "API key",
+    );
+    post(&[("Authorization", "Bearer s3cret!")], &body).assert_error(
+        401,
+        "invalid_api_key",
+        "API key",
+    );
+    http(&server.addr, "GET", "/metrics", &[], b"").assert_error(401, "invalid_api_key", "API key");
+    // Public, as in llama-server.
+    assert_eq!(server.get("/health").status, 200);
+    assert_eq!(server.get("/v1/models").status, 200);
+    // A file inside --allow-files is read; outside it never.
+    let r = post(&auth, &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let expected = cli_json(&["caption", &example("one_shape.png")])["text"].clone();
+    assert_eq!(r.json()["choices"][0]["message"]["content"], expected);
+    let outside = chat("caption en", &["../../../Cargo.toml"], json!({})).to_string();
+    post(&auth, &outside).assert_error(400, "invalid_request", "not a file inside");
+    // Over --max-body: 413, by Content-Length or as read.
+    let big = chat(
+        "caption en",
+        &[&format!("data:image/png;base64,{}", "A".repeat(150_000))],
+        json!({}),
+    )
+    .to_string();
+    post(&auth, &big).assert_error(413, "request_too_large", "100000");
+    assert_eq!(post(&auth, &body).status, 200);
+    server.stop();
+}
+
+/// A request that generates `n` tokens whatever the model says (llama-server's
+/// `ignore_eos`): long enough to be caught running.
+fn long_request(n: usize) -> Value {
+    let img = data_url(&example("one_shape.png"));
+    chat(
+        "caption en",
+        &[&img],
+        json!({ "max_tokens": n, "ignore_eos": true }),
+    )
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn queue_timeout_and_disconnects() {
+    // A full queue: one running, none may wait.
+    let server = Server::start(&["--queue", "0", "--parallel", "1"]);
+    let addr = server.addr.clone();
+    let body = long_request(1500).to_string();
+    let running = std::thread::spawn(move || {
+        http(&addr, "POST", "/v1/chat/completions", &[], body.as_bytes())
+    });
+    wait_for("the long request to run", || {
+        server.metric("pali_requests_running") == 1.0
+    });
+    let r = server.post("/v1/chat/completions", &long_request(5));
+    r.assert_error(503, "queue_full", "busy");
+    assert!(r.headers.contains("retry-after: "), "{}", r.headers);
+    let done = running.join().unwrap();
+    assert_eq!(done.json()["usage"]["completion_tokens"], 1500);
+    assert_eq!(
+        server.post("/v1/chat/completions", &long_request(5)).status,
+        200
+    );
+
+    // A client that disconnects cancels its generation: not streamed; streamed, before
+    // the stream began (still in the prefix) and after its first chunks.
+    for (stream, read_first) in [(false, false), (true, false), (true, true)] {
+        let before = server.metric("pali_cancelled_total");
+        let tokens_before = server.metric("pali_completion_tokens_total");
+        let mut req = long_request(8000);
+        req["stream"] = json!(stream);
+        let body = req.to_string();
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        wait_for("the request to run", || {
+            server.metric("pali_requests_running") == 1.0
+        });
+        if read_first {
+            let mut buf = [0u8; 2048];
+            let n = s.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+        }
+        drop(s);
+        wait_for("the generation to stop", || {
+            server.metric("pali_requests_running") == 0.0
+        });
+        assert_eq!(
+            server.metric("pali_cancelled_total"),
+            before + 1.0,
+            "stream: {stream}, read: {read_first}"
+        );
+        // Nothing was counted as a finished generation.
+        assert_eq!(server.metric("pali_completion_tokens_total"), tokens_before);
+    }
+    server.stop();
+
+    // --timeout ends a request with 504, the server goes on.
+    let server = Server::start(&["--timeout", "0.3"]);
+    server
+        .post("/v1/chat/completions", &long_request(8000))
+        .assert_error(504, "timeout", "0.3");
+    wait_for("the timed-out generation to stop", || {
+        server.metric("pali_requests_running") == 0.0
+    });
+    assert_eq!(server.metric("pali_cancelled_total"), 1.0);
+    assert_eq!(
+        server.post("/v1/chat/completions", &long_request(5)).status,
+        200
+    );
+    server.stop();
+}
+
+/// The real `openai` Python client (scripts/requirements-serve.txt), whole and streamed.
+/// Runs where a Python with it is found: `PALI_OPENAI_PYTHON`, or the venv `.ci/run` makes
+/// in target/serve-venv.
+#[test]
+fn openai_python_client() {
+    let python = std::env::var_os("PALI_OPENAI_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::root().join("target/serve-venv/bin/python"));
+    if !python.exists() {
+        eprintln!(
+            "openai_python_client: no Python with the openai client ({}); .ci/run makes one",
+            python.display()
+        );
+        return;
+    }
+    let server = Server::start(&[]);
+    let img = example("three_shapes_wide.png");
+    let expected = cli_json(&["caption", &img])["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = std::process::Command::new(&python)
+        .arg(common::root().join("scripts/openai_check.py"))
+        .arg(format!("http://{}/v1", server.addr))
+        .arg(&img)
+        .arg(&expected)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(", 0 failed"));
+    server.stop();
+}
