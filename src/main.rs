@@ -239,34 +239,8 @@ enum Command {
     /// /v1/models, /health, /metrics.
     #[cfg(feature = "serve")]
     Serve {
-        /// Address to bind (0.0.0.0 to be reachable from other machines: set --api-key).
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Port (0: any free port; the bound address is printed).
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// Require `Authorization: Bearer KEY` (all endpoints but /health and /v1/models).
-        #[arg(long, value_name = "KEY")]
-        api_key: Option<String>,
-        /// Requests that may wait for a worker; beyond it 503 with Retry-After.
-        #[arg(long, default_value_t = 32)]
-        queue: usize,
-        /// Requests that run at once, each in its own llama.cpp context (see BENCHMARKS.md,
-        /// "Server": one is fastest on 2 cores).
-        #[arg(long, default_value_t = 1)]
-        parallel: usize,
-        /// Seconds a request may take, waiting included (504 after); 0 = no limit.
-        #[arg(long, default_value_t = 0.0)]
-        timeout: f64,
-        /// Largest request body in bytes (413 over it).
-        #[arg(long, default_value_t = 32 << 20)]
-        max_body: usize,
-        /// Let image_url name files inside this folder (never outside it).
-        #[arg(long, value_name = "DIR")]
-        allow_files: Option<PathBuf>,
-        /// Mask decoder GGUF for /v1/segment masks (the bundled demo model has its own).
-        #[arg(long, value_name = "VAE.gguf")]
-        vae: Option<PathBuf>,
+        #[command(flatten)]
+        serve: serve::ServeArgs,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -793,46 +767,10 @@ fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// `pali serve`: checks the flags, then loads the model while the server already answers.
+/// `pali serve`: finds the model files, then loads them while the server already answers.
 #[cfg(feature = "serve")]
-#[allow(clippy::too_many_arguments)]
-fn run_serve(
-    host: String,
-    port: u16,
-    api_key: Option<String>,
-    queue: usize,
-    parallel: usize,
-    timeout: f64,
-    max_body: usize,
-    allow_files: Option<PathBuf>,
-    vae: Option<PathBuf>,
-    args: ModelArgs,
-) -> Result<(), String> {
-    let paths = model_paths(&args, vae.as_deref(), true)?;
-    let allow_files = allow_files
-        .map(|d| {
-            std::fs::canonicalize(&d)
-                .ok()
-                .filter(|c| c.is_dir())
-                .ok_or_else(|| format!("--allow-files {}: not a folder", d.display()))
-        })
-        .transpose()?;
-    if parallel == 0 {
-        return Err("--parallel must be at least 1".into());
-    }
-    if !(timeout >= 0.0 && timeout.is_finite()) {
-        return Err(format!("--timeout {timeout}: give seconds, 0 for no limit"));
-    }
-    let config = pali_server::Config {
-        api_key: api_key.filter(|k| !k.is_empty()),
-        queue,
-        parallel,
-        timeout: (timeout > 0.0).then_some(timeout),
-        max_body,
-        allow_files,
-        ..Default::default()
-    };
-    let flags = serve::ServeFlags { host, port, config };
+fn run_serve(flags: serve::ServeArgs, args: ModelArgs) -> Result<(), String> {
+    let paths = model_paths(&args, flags.vae.as_deref(), true)?;
     let load = move || {
         let model = load_model(&args, &paths)?;
         let id = paths
@@ -969,30 +907,7 @@ fn main() -> ExitCode {
         } => run_bench(&image, &prompt, runs.max(1), &model).map(|_| true),
         Command::Eval { set, model } => run_eval(&set, &model).map(|_| true),
         #[cfg(feature = "serve")]
-        Command::Serve {
-            host,
-            port,
-            api_key,
-            queue,
-            parallel,
-            timeout,
-            max_body,
-            allow_files,
-            vae,
-            model,
-        } => run_serve(
-            host,
-            port,
-            api_key,
-            queue,
-            parallel,
-            timeout,
-            max_body,
-            allow_files,
-            vae,
-            model,
-        )
-        .map(|_| true),
+        Command::Serve { serve, model } => run_serve(serve, model).map(|_| true),
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ use pali_server::{
     Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest, Located,
     Sampling, Stages, Usage,
 };
+use std::path::PathBuf;
 
 /// The model and the command line's defaults.
 pub struct PaliEngine {
@@ -123,25 +124,84 @@ impl pali_server::Engine for PaliEngine {
 }
 
 /// `pali serve`'s own flags (the model flags come with them).
-pub struct ServeFlags {
-    pub host: String,
-    pub port: u16,
-    pub config: Config,
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to bind (0.0.0.0 to be reachable from other machines: set --api-key).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the bound address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (all endpoints but /health and /v1/models).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Requests that may wait for a worker; beyond it 503 with Retry-After.
+    #[arg(long, default_value_t = 32)]
+    queue: usize,
+    /// Requests that run at once, each in its own llama.cpp context (see BENCHMARKS.md,
+    /// "Server": one is fastest on 2 cores).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Seconds a request may take, waiting included (504 after); 0 = no limit.
+    #[arg(long, default_value_t = 0.0)]
+    timeout: f64,
+    /// Largest request body in bytes (413 over it).
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body: usize,
+    /// Let image_url name files inside this folder (never outside it).
+    #[arg(long, value_name = "DIR")]
+    allow_files: Option<PathBuf>,
+    /// Mask decoder GGUF for /v1/segment masks (the bundled demo model has its own).
+    #[arg(long, value_name = "VAE.gguf")]
+    pub vae: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The server settings, checked.
+    fn config(&self) -> Result<Config, String> {
+        let allow_files = self
+            .allow_files
+            .as_ref()
+            .map(|d| {
+                std::fs::canonicalize(d)
+                    .ok()
+                    .filter(|c| c.is_dir())
+                    .ok_or_else(|| format!("--allow-files {}: not a folder", d.display()))
+            })
+            .transpose()?;
+        if self.parallel == 0 {
+            return Err("--parallel must be at least 1".into());
+        }
+        let t = self.timeout;
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(format!("--timeout {t}: give seconds, 0 for no limit"));
+        }
+        Ok(Config {
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            queue: self.queue,
+            parallel: self.parallel,
+            timeout: (t > 0.0).then_some(t),
+            max_body: self.max_body,
+            allow_files,
+            ..Default::default()
+        })
+    }
 }
 
 /// Serves until SIGINT / SIGTERM; the model loads while `/health` already answers 503.
 pub fn run(
-    flags: ServeFlags,
+    flags: ServeArgs,
     load: impl FnOnce() -> Result<PaliEngine, String> + Send + 'static,
 ) -> Result<(), String> {
-    let open = !flags.host.starts_with("127.") && flags.host != "localhost" && flags.host != "::1";
-    if open && flags.config.api_key.is_none() {
+    let config = flags.config()?;
+    let host = flags.host.as_str();
+    let open = !host.starts_with("127.") && host != "localhost" && host != "::1";
+    if open && config.api_key.is_none() {
         eprintln!(
-            "warning: listening on {} without --api-key: anyone who can reach this address can use the model",
-            flags.host
+            "warning: listening on {host} without --api-key: anyone who can reach this address can use the model"
         );
     }
-    pali_server::run_until_signal(&flags.host, flags.port, flags.config, load, |addr| {
+    pali_server::run_until_signal(host, flags.port, config, load, |addr| {
         // Tests and scripts read this line to find the port (`--port 0`).
         eprintln!("pali: listening on http://{addr}");
     })

@@ -202,8 +202,8 @@ fn router<E: Engine>(state: Shared<E>) -> Router {
         .route("/metrics", get(metrics_text::<E>))
         .route("/v1/chat/completions", post(chat_completions::<E>))
         .route("/chat/completions", post(chat_completions::<E>))
-        .route("/v1/detect", post(detect::<E>))
-        .route("/v1/segment", post(segment::<E>))
+        .route("/v1/detect", post(locate_handler::<E>))
+        .route("/v1/segment", post(locate_handler::<E>))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(
@@ -562,20 +562,14 @@ async fn stream_chat<E: Engine>(
 // ---------------------------------------------------------------------------
 // Detect and segment
 
-async fn detect<E: Engine>(
+/// `/v1/detect` and `/v1/segment`.
+async fn locate_handler<E: Engine>(
     State(state): State<Shared<E>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    locate(state, headers, body, false).await
-}
-
-async fn segment<E: Engine>(
-    State(state): State<Shared<E>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    locate(state, headers, body, true).await
+    locate(state, headers, body, uri.path() == "/v1/segment").await
 }
 
 async fn locate<E: Engine>(
