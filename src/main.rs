@@ -456,13 +456,6 @@ fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, String> {
     Ok(model)
 }
 
-/// A task result as the JSON line the CLI prints, with this process's peak memory.
-fn answer_json(answer: &impl serde::Serialize) -> serde_json::Value {
-    let mut obj = serde_json::to_value(answer).expect("results serialize");
-    obj["peak_rss_mb"] = serde_json::json!(pali::peak_rss_mb());
-    obj
-}
-
 fn gen_options(args: &ModelArgs) -> GenerateOptions {
     GenerateOptions {
         n_predict: args.n_predict,
@@ -550,7 +543,7 @@ fn run_locate(
     }
     .map_err(|e| e.to_string())?;
     if args.json {
-        let mut obj = answer_json(&found);
+        let mut obj = pali::task::to_json(&found);
         if let Some(p) = outs.draw {
             obj["draw"] = serde_json::json!(p.display().to_string());
         }
@@ -673,7 +666,7 @@ fn generate_each(images: &[PathBuf], task: &Task, args: &ModelArgs) -> Result<bo
         match res {
             Ok(g) => {
                 if args.json {
-                    let mut obj = answer_json(&g);
+                    let mut obj = pali::task::to_json(&g);
                     if many {
                         obj["path"] = serde_json::json!(path.display().to_string());
                     }

@@ -118,7 +118,7 @@ impl pali_server::Engine for PaliEngine {
                 completion_tokens: found.tokens.len(),
             },
             stages: stages(&found.timings),
-            json: crate::answer_json(&found),
+            json: pali::task::to_json(&found),
         })
     }
 }

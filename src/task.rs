@@ -126,6 +126,14 @@ impl Located {
     }
 }
 
+/// A result as every front end prints it (`pali … --json`, `pali serve`, the C library): the
+/// result's JSON plus this process's peak memory (`peak_rss_mb`).
+pub fn to_json(result: &impl serde::Serialize) -> serde_json::Value {
+    let mut obj = serde_json::to_value(result).expect("results serialize");
+    obj["peak_rss_mb"] = serde_json::json!(crate::peak_rss_mb());
+    obj
+}
+
 impl Model {
     /// Caption an image (`caption <lang>`).
     pub fn caption(
