@@ -6,6 +6,7 @@
 #   scripts/cross_aarch64.sh build        # then target/aarch64-unknown-linux-gnu/dist/
 #   scripts/cross_aarch64.sh run CPU ARGS # e.g. run cortex-a76 caption examples/images/x.png
 #   scripts/cross_aarch64.sh test CPU NAME [ARGS]  # test binary NAME (e.g. parity) on CPU
+#   scripts/cross_aarch64.sh capi CPU     # libpali's C example, built for ARM, run on CPU
 #
 # Host needs (Debian 12): apt-get install -y cmake clang libclang-dev g++-aarch64-linux-gnu
 # qemu-user; rustup target add aarch64-unknown-linux-gnu.
@@ -36,11 +37,13 @@ qemu() { # cpu, program, args...
 
 case "${1:-build}" in
 build)
-    cargo build --release --target $T --features dynamic-backends --bins --tests
+    cargo build --release --target $T -p pali --features dynamic-backends --bins --tests
+    # libpali (the C library) on the same pali build: features unify.
+    cargo build --release --target $T -p pali-capi --features dynamic-backends --lib
     rm -rf "$DIST" && mkdir -p "$DIST"
-    cp "$OUT"/pali "$DIST"/
+    cp "$OUT"/pali "$OUT"/libpali.so "$OUT"/libpali.a capi/include/pali.h "$DIST"/
     cp -P "$OUT"/build/llama-cpp-sys-2-*/out/build/bin/*.so* "$DIST"/
-    find "$DIST" -type f -exec aarch64-linux-gnu-strip --strip-debug {} +
+    find "$DIST" -type f ! -name '*.h' -exec aarch64-linux-gnu-strip --strip-debug {} +
     ls -l "$DIST"
     ;;
 run)
@@ -55,8 +58,15 @@ test)
     bin=$(ls -t "$OUT"/deps/"$name"-* | grep -v '\.d$' | head -1)
     qemu "$cpu" "$bin" "$@"
     ;;
+capi)
+    cpu=$2
+    aarch64-linux-gnu-gcc -std=c11 -Wall -Werror -o "$DIST"/caption-c examples/c/caption.c \
+        -I capi/include -L "$DIST" -lpali
+    qemu "$cpu" "$DIST"/caption-c models/demo/pali-demo-F16.gguf \
+        models/demo/mmproj-pali-demo-F16.gguf examples/images/three_shapes_wide.png "circle ; square"
+    ;;
 *)
-    echo "usage: $0 build | run CPU ARGS... | test CPU NAME [ARGS...]" >&2
+    echo "usage: $0 build | run CPU ARGS... | test CPU NAME [ARGS...] | capi CPU" >&2
     exit 2
     ;;
 esac
