@@ -61,7 +61,7 @@ test)
 capi)
     cpu=$2
     aarch64-linux-gnu-gcc -std=c11 -Wall -Werror -o "$DIST"/caption-c examples/c/caption.c \
-        -I capi/include -L "$DIST" -lpali
+        -I capi/include -L "$DIST" -Wl,-rpath-link,"$DIST" -lpali
     qemu "$cpu" "$DIST"/caption-c models/demo/pali-demo-F16.gguf \
         models/demo/mmproj-pali-demo-F16.gguf examples/images/three_shapes_wide.png "circle ; square"
     ;;

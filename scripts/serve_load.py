@@ -27,6 +27,7 @@ import concurrent.futures
 import http.client
 import json
 import math
+import os
 import queue
 import random
 import re
@@ -129,6 +130,30 @@ class Server:
             self.proc.wait()
             code = None
         return code, time.monotonic() - t0
+
+
+def cpu_seconds(pid):
+    """CPU seconds so far: (whole machine busy, the server, this script and its waited children).
+
+    The machine may be shared: what neither the server nor this script used
+    during a phase is other processes competing for the cores.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    machine = (user + nice + system + irq + softirq + steal) / hz
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    server = (int(fields[11]) + int(fields[12])) / hz  # utime, stime
+    t = os.times()
+    return machine, server, t.user + t.system + t.children_user + t.children_system
+
+
+def cpu_use(before, after, wall_s):
+    """Average cores used during a phase by the server, this script and everything else."""
+    machine, server, me = (b - a for a, b in zip(before, after))
+    return {"server_cores": server / wall_s, "script_cores": me / wall_s,
+            "other_cores": max(0.0, machine - server - me) / wall_s, "cores": os.cpu_count()}
 
 
 # ---- requests ----------------------------------------------------------------
@@ -379,6 +404,9 @@ def print_summary(rep):
           f"from {load['clients']} clients in {load['wall_s']:.2f} s "
           f"= {load['throughput_rps']:.1f} requests/s"
           + (f"; {load['unsent']} NOT SENT (deadline)" if load["unsent"] else ""))
+    c = load["cpu"]
+    print(f"  CPU (cores of {c['cores']}): server {c['server_cores']:.2f}, this script "
+          f"{c['script_cores']:.2f}, other processes {c['other_cores']:.2f}")
     print(f"  {'kind':<26}{'n':>5}{'fail':>6}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for kind, s in [("all", load["overall"]), *load["per_kind"].items()]:
         print(f"  {kind:<26}{s['n']:>5}{s['failures']:>6}{s['p50_ms']:>10.1f}{s['p95_ms']:>10.1f}"
@@ -400,7 +428,8 @@ def print_summary(rep):
         print(f"overhead ({o['image']}, {o['completion_tokens']} tokens, {o['runs']} runs): "
               f"HTTP median {o['http_median_ms']:.1f} ms (server-reported model time "
               f"{o['server_model_median_ms']:.1f} ms) vs in-process `pali bench` "
-              f"{o['in_process_median_ms']:.1f} ms: ratio {o['ratio']:.2f}")
+              f"{o['in_process_median_ms']:.1f} ms: ratio {o['ratio']:.2f}; "
+              f"other processes used {o['cpu']['other_cores']:.2f} cores meanwhile")
     else:
         print(f"overhead: FAILED {rep.get('overhead_error')}")
     code = rep["exit_code"]
@@ -437,7 +466,9 @@ def main():
         jobs = [good_job(i, images) for i in range(args.requests)]
         jobs += [malformed_job(i) for i in range(args.malformed)]
         random.Random(0).shuffle(jobs)
+        cpu0 = cpu_seconds(server.proc.pid)
         results, wall, unsent = run_load(port, jobs, args.clients)
+        load_cpu = cpu_use(cpu0, cpu_seconds(server.proc.pid), wall)
         rss["end"] = server.memory_mib()
         rss["peak"] = server.memory_mib("VmHWM")
         rss["growth"] = rss["end"] - rss["warmup"]
@@ -451,7 +482,7 @@ def main():
         rep["load"] = {
             "sent": len(results), "good": args.requests, "malformed": args.malformed,
             "clients": args.clients, "wall_s": wall, "throughput_rps": len(results) / wall,
-            "unsent": unsent, "overall": latency_stats(results),
+            "unsent": unsent, "cpu": load_cpu, "overall": latency_stats(results),
             "per_kind": {k: latency_stats(v) for k, v in sorted(by_kind.items())},
             "warmup_failures": sum(r["error"] is not None for r in warmup),
             "status_codes": dict(sorted(collections.Counter(
@@ -462,7 +493,10 @@ def main():
         rep["inconsistent"] = inconsistent_answers(warmup + results)
         rep["metrics_mismatches"] = metrics_mismatches(port, warmup + results)
         try:
+            cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
             rep["overhead"] = measure_overhead(port, pali, IMAGES[0], images, server_args)
+            rep["overhead"]["cpu"] = cpu_use(cpu0, cpu_seconds(server.proc.pid),
+                                             time.perf_counter() - t0)
         except (RuntimeError, subprocess.SubprocessError, ValueError, KeyError) as e:
             rep["overhead_error"] = f"{type(e).__name__}: {e}"
     finally:

@@ -762,8 +762,15 @@ fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
 
 /// `pali serve`: finds the model files, then loads them while the server already answers.
 #[cfg(feature = "serve")]
-fn run_serve(flags: serve::ServeArgs, args: ModelArgs) -> Result<(), String> {
+fn run_serve(flags: serve::ServeArgs, mut args: ModelArgs) -> Result<(), String> {
     let paths = model_paths(&args, flags.vae.as_deref(), true)?;
+    // Requests running at once share the cores: ggml's threads spin, and two contexts of
+    // all-core threads on 2 cores ran 30x slower than one (BENCHMARKS.md, "Server").
+    if args.threads.is_none() && flags.parallel > 1 {
+        let t = (pali::default_threads() / flags.parallel as i32).max(1);
+        log::info!("--parallel {}: {t} threads per request", flags.parallel);
+        args.threads = Some(t);
+    }
     let load = move || {
         let model = load_model(&args, &paths)?;
         let id = paths

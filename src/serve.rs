@@ -138,10 +138,10 @@ pub struct ServeArgs {
     /// Requests that may wait for a worker; beyond it 503 with Retry-After.
     #[arg(long, default_value_t = 32)]
     queue: usize,
-    /// Requests that run at once, each in its own llama.cpp context (see BENCHMARKS.md,
-    /// "Server": one is fastest on 2 cores).
+    /// Requests that run at once, each in its own llama.cpp context; without -t they share
+    /// the cores (threads / N each). See BENCHMARKS.md, "Server".
     #[arg(long, default_value_t = 1)]
-    parallel: usize,
+    pub parallel: usize,
     /// Seconds a request may take, waiting included (504 after); 0 = no limit.
     #[arg(long, default_value_t = 0.0)]
     timeout: f64,
