@@ -15,16 +15,15 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// target/<profile>, where cargo put libpali.so (this test runs from target/<profile>/deps).
+/// Where cargo put libpali.so for this test: next to the test (target/<profile>/deps, as a
+/// dependency of the test), else target/<profile> (after `cargo build -p pali-capi`).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("libpali.so").is_file(),
-        "no libpali.so in {}",
-        dir.display()
-    );
-    dir
+    let deps = exe.parent().unwrap().to_path_buf();
+    [deps.clone(), deps.parent().unwrap().to_path_buf()]
+        .into_iter()
+        .find(|d| d.join("libpali.so").is_file())
+        .unwrap_or_else(|| panic!("no libpali.so in or above {}", deps.display()))
 }
 
 /// Compiles a C file against pali.h and libpali.so.
