@@ -526,13 +526,8 @@ fn run_locate(
     if outs.mask_out.is_some() && paths.mask_decoder.is_none() {
         return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
     }
-    if objects
-        .iter()
-        .flat_map(|o| o.split(';'))
-        .all(|o| o.trim().is_empty())
-    {
-        return Err("no object names given (e.g. \"cat ; dog\")".into());
-    }
+    // Before loading anything: a request without names fails at once.
+    pali::task::check_objects(&objects).map_err(|e| e.to_string())?;
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
     let model = load_model(args, &paths)?;
     let opts = gen_options(args);

@@ -134,6 +134,21 @@ pub fn to_json(result: &impl serde::Serialize) -> serde_json::Value {
     obj
 }
 
+/// Refuses a detect / segment request without a single object name (each entry may hold
+/// several, separated by `;`).
+pub fn check_objects(objects: &[impl AsRef<str>]) -> Result<()> {
+    if objects
+        .iter()
+        .flat_map(|o| o.as_ref().split(';'))
+        .all(|o| o.trim().is_empty())
+    {
+        return Err(Error::Prompt(
+            "no object names given (e.g. \"cat ; dog\")".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Model {
     /// Caption an image (`caption <lang>`).
     pub fn caption(
@@ -219,16 +234,8 @@ impl Model {
         segment: bool,
         opts: &GenerateOptions,
     ) -> Result<Located> {
+        check_objects(objects)?;
         let names: Vec<String> = objects.iter().map(|o| o.as_ref().to_string()).collect();
-        if names
-            .iter()
-            .flat_map(|o| o.split(';'))
-            .all(|o| o.trim().is_empty())
-        {
-            return Err(Error::Prompt(
-                "no object names given (e.g. \"cat ; dog\")".into(),
-            ));
-        }
         let task = if segment {
             Task::Segment(names)
         } else {

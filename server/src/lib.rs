@@ -453,7 +453,7 @@ async fn chat_response<E: Engine>(
         id: format!(
             "chatcmpl-{:x}{:08x}",
             unix_now(),
-            state.next_id.load(Ordering::Relaxed)
+            state.next_id.fetch_add(1, Ordering::Relaxed)
         ),
         created: unix_now(),
         model: engine.model_id(),
@@ -589,15 +589,6 @@ async fn locate<E: Engine>(
         } else {
             locate_json(&body, state.config.allow_files.as_deref())?
         };
-        if objects
-            .iter()
-            .flat_map(|o| o.split(';'))
-            .all(|o| o.trim().is_empty())
-        {
-            return Err(ApiError::invalid(
-                "objects: no object names given (e.g. [\"cat\", \"dog\"] or \"cat ; dog\")",
-            ));
-        }
         let cancel: CancelFlag = Arc::new(AtomicBool::new(false));
         let req = LocateRequest {
             image,
