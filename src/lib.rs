@@ -37,7 +37,7 @@ pub use session::{CancelFlag, FinishReason, Sampling, SlidingWindow};
 pub use task::{ImageSize, Located, LocatedObject, ObjectMask, TextAnswer};
 pub use vae::{convert_vae, Mask, MaskDecoder};
 
-use preprocess::{PreprocessConfig, ResampleFilter, RgbImage};
+use preprocess::{PreprocessConfig, RgbImage};
 use session::{DecodeOptions, Decoder, DecoderOptions, PrefixBatch};
 use siglip::{VisionEncoder, VisionOutput};
 use std::path::{Path, PathBuf};
@@ -406,14 +406,7 @@ impl Model {
                 facts.hidden
             )));
         }
-        let preprocess = PreprocessConfig {
-            image_size: vc.image_size as u32,
-            mean: vc.mean,
-            std: vc.std,
-            rescale_factor: vc.rescale_factor,
-            resample: ResampleFilter::from_pil_code(vc.resample)?,
-            max_pixels: MAX_IMAGE_PIXELS,
-        };
+        let preprocess = vc.preprocess_config()?;
         let vision_backend = vision_ref.backend_name();
         drop(vision_ref);
         let image_tokens = (vc.image_size / vc.patch_size).pow(2);

@@ -800,6 +800,7 @@ fn llama_cpp_flag(arg: std::ffi::OsString) -> std::ffi::OsString {
 
 fn main() -> ExitCode {
     pali_ggml::default_sigpipe();
+    pali_ggml::mapped::install_sigbus_report();
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,llama.cpp=off"),
     )

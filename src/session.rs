@@ -79,6 +79,8 @@ pub enum FinishReason {
 /// Rows of the decoder's token embedding table, read straight from the mapped GGUF
 /// (dequantized on demand) so the prompt can join the image in one embedding batch.
 struct TokenEmbeddings {
+    // Unregistered before the mapping goes (field order).
+    _watch: pali_ggml::mapped::Watched,
     map: memmap2::Mmap,
     offset: usize,
     ty: GgmlType,
@@ -113,6 +115,7 @@ impl TokenEmbeddings {
             )));
         }
         Ok(TokenEmbeddings {
+            _watch: pali_ggml::mapped::watch(map.as_ptr(), map.len(), path),
             map,
             offset,
             ty: t.ty,

@@ -18,6 +18,9 @@ use pali_ggml::schema::{keys, vision as names, vision_block};
 use pali_ggml::GgmlType;
 use std::path::Path;
 
+/// Largest square input accepted from an mmproj file, in pixels.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
 /// Vision tower and preprocessing settings, read from the mmproj file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VisionConfig {
@@ -89,7 +92,12 @@ impl VisionConfig {
             resample: f.get_u32(keys::PALI_RESAMPLE)?,
             rescale_factor: f.get_f32(keys::PALI_RESCALE_FACTOR)?,
         };
-        if c.patch_size == 0
+        // Zero sizes would make empty tensors, and a huge image size a huge input buffer
+        // before any tensor shape is compared: PaliGemma's largest is 896 px.
+        let positive = [c.image_size, c.width, c.ffn, c.layers, c.projection_dim];
+        if positive.contains(&0)
+            || c.image_size > MAX_IMAGE_SIZE
+            || c.patch_size == 0
             || !c.image_size.is_multiple_of(c.patch_size)
             || c.heads == 0
             || !c.width.is_multiple_of(c.heads)
@@ -99,6 +107,18 @@ impl VisionConfig {
             )));
         }
         Ok(c)
+    }
+
+    /// How images are prepared for this tower (size, normalisation, resampling filter).
+    pub fn preprocess_config(&self) -> Result<crate::preprocess::PreprocessConfig> {
+        Ok(crate::preprocess::PreprocessConfig {
+            image_size: self.image_size as u32,
+            mean: self.mean,
+            std: self.std,
+            rescale_factor: self.rescale_factor,
+            resample: crate::preprocess::ResampleFilter::from_pil_code(self.resample)?,
+            max_pixels: crate::MAX_IMAGE_PIXELS,
+        })
     }
 
     /// Patches per side.

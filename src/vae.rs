@@ -72,8 +72,12 @@ fn read_npz(path: &Path, wanted: &[&str]) -> Result<BTreeMap<String, NpyArray>> 
         if entry.size() > MAX_ARRAY_BYTES {
             return Err(bad(format!("{} bytes is too large", entry.size())));
         }
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        entry
+        // The declared size may lie: reserve at most 64 MiB up front, and never read more
+        // than it says.
+        let declared = entry.size();
+        let mut bytes = Vec::with_capacity(declared.min(64 << 20) as usize);
+        (&mut entry)
+            .take(declared)
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("cannot read: {e}")))?;
         out.insert(name.to_string(), parse_npy(&bytes).map_err(bad)?);

@@ -68,6 +68,8 @@ impl TensorEntry {
 
 struct Shard {
     path: PathBuf,
+    // Unregistered before the mapping goes (field order).
+    _watch: pali_ggml::mapped::Watched,
     map: Mmap,
     data_start: usize,
 }
@@ -179,6 +181,7 @@ impl Checkpoint {
             }
             shards.push(Shard {
                 path: path.clone(),
+                _watch: pali_ggml::mapped::watch(map.as_ptr(), map.len(), path),
                 map,
                 data_start,
             });

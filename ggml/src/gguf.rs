@@ -106,6 +106,10 @@ pub struct GgufFile {
     ctx: *mut sys::gguf_context,
     meta: *mut sys::ggml_context,
     path: PathBuf,
+    /// The tensor table, checked at open (names unique, UTF-8; data inside the file).
+    tensors: Vec<TensorInfo>,
+    /// The ggml tensor of each table entry, in the same order.
+    raw: Vec<*mut sys::ggml_tensor>,
 }
 
 // SAFETY: the contexts are owned exclusively by this value and ggml does not tie them to a thread.
@@ -150,19 +154,85 @@ impl GgufFile {
             no_alloc: true,
             ctx: &mut meta,
         };
+        crate::logging::init();
+        crate::logging::clear_last_error();
         // SAFETY: valid C string and params; returns NULL on any parse error.
         let ctx = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
         if ctx.is_null() {
+            let why = crate::logging::take_last_error()
+                .unwrap_or_else(|| "ggml's GGUF parser rejected it".into());
             return Err(Error::Invalid(format!(
-                "{} is corrupt or truncated: ggml's GGUF parser rejected it (RUST_LOG=llama.cpp=debug shows why)",
+                "{} is corrupt or truncated: {why}",
                 path.display()
             )));
         }
-        Ok(GgufFile {
+        let mut file = GgufFile {
             ctx,
             meta,
             path: path.to_path_buf(),
-        })
+            tensors: Vec::new(),
+            raw: Vec::new(),
+        };
+        file.read_tensor_table(meta_ok.len())?;
+        Ok(file)
+    }
+
+    /// Reads and checks the tensor table. ggml's parser checks each entry on its own; what
+    /// it leaves to its callers is checked here: a name must be UTF-8 without a NUL (ggml
+    /// truncates names at a NUL, so two distinct names could become one), and each tensor's
+    /// data must lie inside the file.
+    fn read_tensor_table(&mut self, file_len: u64) -> Result<()> {
+        let bad = |what: String| Error::Invalid(format!("{}: {what}", self.path.display()));
+        let data_offset = self.data_offset();
+        // SAFETY: ids are in range; the names are NUL-terminated strings owned by gguf; the
+        // ggml tensors were created by gguf_init_from_file in table order.
+        unsafe {
+            let n = sys::gguf_get_n_tensors(self.ctx);
+            let mut t = if self.meta.is_null() {
+                ptr::null_mut()
+            } else {
+                sys::ggml_get_first_tensor(self.meta)
+            };
+            for i in 0..n {
+                let cname = CStr::from_ptr(sys::gguf_get_tensor_name(self.ctx, i));
+                let name = cname.to_str().map_err(|_| {
+                    bad(format!(
+                        "tensor #{i} has a name that is not UTF-8 ({:?})",
+                        cname.to_string_lossy()
+                    ))
+                })?;
+                if t.is_null() || CStr::from_ptr((*t).name.as_ptr()) != cname {
+                    return Err(bad(format!(
+                        "tensor #{i} ({name:?}) is not where its table entry says (a corrupt tensor table)"
+                    )));
+                }
+                if self.tensors.iter().any(|o| o.name == name) {
+                    return Err(bad(format!("tensor {name:?} appears twice")));
+                }
+                let offset = sys::gguf_get_tensor_offset(self.ctx, i) as u64;
+                let size = sys::gguf_get_tensor_size(self.ctx, i) as u64;
+                let end = data_offset
+                    .checked_add(offset)
+                    .and_then(|o| o.checked_add(size));
+                if end.is_none_or(|e| e > file_len) {
+                    return Err(bad(format!(
+                        "tensor {name} runs past the end of the file (truncated?)"
+                    )));
+                }
+                let ne_all = (*t).ne;
+                let rank = (sys::ggml_n_dims(t) as usize).max(1);
+                self.tensors.push(TensorInfo {
+                    name: name.to_string(),
+                    ty: GgmlType(sys::gguf_get_tensor_type(self.ctx, i)),
+                    ne: ne_all[..rank].to_vec(),
+                    offset,
+                    size,
+                });
+                self.raw.push(t);
+                t = sys::ggml_get_next_tensor(self.meta, t);
+            }
+        }
+        Ok(())
     }
 
     /// Path the file was opened from.
@@ -298,40 +368,18 @@ impl GgufFile {
 
     /// The tensor table.
     pub fn tensors(&self) -> Vec<TensorInfo> {
-        // SAFETY: ids in range.
-        unsafe {
-            (0..sys::gguf_get_n_tensors(self.ctx))
-                .map(|i| {
-                    let name = CStr::from_ptr(sys::gguf_get_tensor_name(self.ctx, i))
-                        .to_string_lossy()
-                        .into_owned();
-                    let ne_p = sys::gguf_get_tensor_ne(self.ctx, i);
-                    let ne_all = std::slice::from_raw_parts(ne_p, 4);
-                    let cname = cstring(&name).unwrap_or_default();
-                    let t = sys::ggml_get_tensor(self.meta, cname.as_ptr());
-                    let rank = if t.is_null() {
-                        4
-                    } else {
-                        sys::ggml_n_dims(t) as usize
-                    };
-                    TensorInfo {
-                        ty: GgmlType(sys::gguf_get_tensor_type(self.ctx, i)),
-                        ne: ne_all[..rank.max(1)].to_vec(),
-                        offset: sys::gguf_get_tensor_offset(self.ctx, i) as u64,
-                        size: sys::gguf_get_tensor_size(self.ctx, i) as u64,
-                        name,
-                    }
-                })
-                .collect()
-        }
+        self.tensors.clone()
+    }
+
+    /// The data-less ggml tensor of each table entry, in table order.
+    pub(crate) fn raw_tensors(&self) -> &[*mut sys::ggml_tensor] {
+        &self.raw
     }
 
     /// The data-less ggml tensor of that name, for pointing into a mapping.
     pub(crate) fn raw_tensor(&self, name: &str) -> Option<*mut sys::ggml_tensor> {
-        let c = cstring(name).ok()?;
-        // SAFETY: valid context and name.
-        let t = unsafe { sys::ggml_get_tensor(self.meta, c.as_ptr()) };
-        (!t.is_null()).then_some(t)
+        let i = self.tensors.iter().position(|t| t.name == name)?;
+        Some(self.raw[i])
     }
 }
 

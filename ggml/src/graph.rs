@@ -114,6 +114,8 @@ impl Backend {
 /// The tensors of a GGUF file, readable by graphs on one backend.
 pub struct Weights {
     file: GgufFile,
+    // Unregistered before the mapping goes (field order).
+    _watch: crate::mapped::Watched,
     _map: memmap2::Mmap,
     buffer: sys::ggml_backend_buffer_t,
 }
@@ -138,6 +140,8 @@ impl Weights {
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         let data = file.data_offset() as usize;
         let infos = file.tensors();
+        // The table was checked against the file's length at open; the file may have
+        // shrunk since (the mapping is what counts).
         for t in &infos {
             if data as u64 + t.offset + t.size > map.len() as u64 {
                 return Err(Error::Invalid(format!(
@@ -159,8 +163,7 @@ impl Weights {
                         "ggml could not wrap the mapped weights".into(),
                     ));
                 }
-                for t in &infos {
-                    let raw = file.raw_tensor(&t.name).expect("tensor from the same file");
+                for (t, &raw) in infos.iter().zip(file.raw_tensors()) {
                     sys::ggml_backend_tensor_alloc(buf, raw, base.add(t.offset as usize));
                 }
                 buf
@@ -173,8 +176,7 @@ impl Weights {
                         backend.name()
                     )));
                 }
-                for t in &infos {
-                    let raw = file.raw_tensor(&t.name).expect("tensor from the same file");
+                for (t, &raw) in infos.iter().zip(file.raw_tensors()) {
                     let src = map.as_ptr().add(data + t.offset as usize);
                     sys::ggml_backend_tensor_set(raw, src as *const _, 0, t.size as usize);
                 }
@@ -187,6 +189,7 @@ impl Weights {
         };
         Ok(Weights {
             file,
+            _watch: crate::mapped::watch(map.as_ptr(), map.len(), path),
             _map: map,
             buffer,
         })

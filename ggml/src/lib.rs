@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod graph;
 pub mod llama;
 pub mod logging;
+pub mod mapped;
 pub mod quant;
 pub mod schema;
 

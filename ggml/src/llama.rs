@@ -25,6 +25,8 @@ pub struct ModelParams {
 /// A loaded llama.cpp model.
 pub struct LlamaModel {
     raw: *mut sys::llama_model,
+    /// llama.cpp's own mappings of the file, watched for truncation (see [`crate::mapped`]).
+    watched: Vec<crate::mapped::Watched>,
 }
 
 // SAFETY: llama_model is immutable after loading and documented as shareable across contexts.
@@ -34,6 +36,7 @@ unsafe impl Sync for LlamaModel {}
 
 impl Drop for LlamaModel {
     fn drop(&mut self) {
+        self.watched.clear();
         // SAFETY: owned pointer, freed once.
         unsafe { sys::llama_model_free(self.raw) }
     }
@@ -61,6 +64,7 @@ impl LlamaModel {
         }
         // SAFETY: zeroed terminator (empty key) ends the list, as llama.cpp expects.
         overrides.push(unsafe { std::mem::zeroed() });
+        crate::logging::clear_last_error();
         // SAFETY: default params plus valid pointers that outlive the call.
         let raw = unsafe {
             let mut p = sys::llama_model_default_params();
@@ -75,8 +79,10 @@ impl LlamaModel {
             sys::llama_model_load_from_file(cpath.as_ptr(), p)
         };
         if raw.is_null() {
+            let why = crate::logging::take_last_error()
+                .unwrap_or_else(|| "not a gemma2 GGUF, or corrupt".into());
             return Err(Error::Backend(format!(
-                "llama.cpp could not load {} (not a gemma2 GGUF, or corrupt; RUST_LOG=llama.cpp=debug shows why)",
+                "llama.cpp could not load {}: {why}",
                 path.display()
             )));
         }
@@ -88,7 +94,10 @@ impl LlamaModel {
                 path.display()
             );
         }
-        Ok(LlamaModel { raw })
+        Ok(LlamaModel {
+            raw,
+            watched: crate::mapped::watch_file_mappings(path),
+        })
     }
 
     /// Hidden size.

@@ -4,7 +4,23 @@
 use crate::sys;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_void};
-use std::sync::Once;
+use std::sync::{Mutex, Once};
+
+/// The last error line ggml or llama.cpp logged, so that a failure can say why.
+static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
+/// Forgets the last logged error (call before the ggml call whose failure is explained).
+pub fn clear_last_error() {
+    if let Ok(mut e) = LAST_ERROR.lock() {
+        *e = None;
+    }
+}
+
+/// The last error line ggml or llama.cpp logged since [`clear_last_error`], if any
+/// (without ggml's `function_name: ` prefix).
+pub fn take_last_error() -> Option<String> {
+    LAST_ERROR.lock().ok()?.take()
+}
 
 unsafe extern "C" fn forward(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     if text.is_null() {
@@ -22,6 +38,21 @@ unsafe extern "C" fn forward(level: sys::ggml_log_level, text: *const c_char, _:
         sys::GGML_LOG_LEVEL_INFO => log::Level::Debug,
         _ => log::Level::Trace,
     };
+    if lvl == log::Level::Error {
+        if let Ok(mut e) = LAST_ERROR.lock() {
+            let why = msg.split_once(": ").map_or(
+                msg,
+                |(f, rest)| {
+                    if f.contains(' ') {
+                        msg
+                    } else {
+                        rest
+                    }
+                },
+            );
+            *e = Some(why.to_string());
+        }
+    }
     log::log!(target: "llama.cpp", lvl, "{msg}");
 }
 

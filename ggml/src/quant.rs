@@ -187,6 +187,7 @@ pub fn quantize_model_file(
     // whole. A watcher drops this process's mapped pages of the input every 100 ms; the
     // quantizer re-reads any it still needs from the page cache.
     let done = std::sync::atomic::AtomicBool::new(false);
+    crate::logging::clear_last_error();
     let rc = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -206,10 +207,12 @@ pub fn quantize_model_file(
         rc
     });
     if rc != 0 {
+        let why = crate::logging::take_last_error().unwrap_or_else(|| format!("code {rc}"));
         return Err(Error::Backend(format!(
-            "llama.cpp failed to quantize {} to {} (code {rc})",
+            "llama.cpp failed to quantize {} to {} in {}: {why}",
             input.display(),
-            ftype.label()
+            ftype.label(),
+            output.display()
         )));
     }
     Ok(())

@@ -1,0 +1,140 @@
+//! A clear report instead of a bare `SIGBUS` when a model file shrinks under pali.
+//!
+//! pali reads its model files through memory maps (its own tower and token embeddings,
+//! llama.cpp's decoder, the converter's checkpoints). Linux cannot stop another process from
+//! truncating or rewriting a mapped file in place (`cp new.gguf model.gguf` truncates first;
+//! mandatory locks are gone since 5.15), and reading a page past the new end raises
+//! `SIGBUS`, which kills the process without a word. Replacing a file by renaming
+//! (`mv`, what `pali convert` does) is harmless: the old inode stays mapped.
+//!
+//! Mappings are registered here ([`watch`]); a program that calls [`install_sigbus_report`]
+//! (the pali binary does) then gets, for a fault inside one of them, one line on stderr
+//! naming the file and exit status 74 (`EX_IOERR`). A fault anywhere else keeps the default
+//! action. The process cannot go on after such a fault: the data it was reading is gone.
+
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+const SLOTS: usize = 64;
+
+/// Exit status after a reported fault (`EX_IOERR` from sysexits.h).
+pub const EXIT_FILE_CHANGED: i32 = 74;
+
+struct Slot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    /// The message (leaked, so a handler running at any moment can read it) and its length.
+    msg: AtomicPtr<u8>,
+    len: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Slot = Slot {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    msg: AtomicPtr::new(std::ptr::null_mut()),
+    len: AtomicUsize::new(0),
+};
+static REGIONS: [Slot; SLOTS] = [EMPTY; SLOTS];
+
+/// A registered mapping; dropping it unregisters the range (before the mapping goes).
+#[derive(Debug)]
+pub struct Watched {
+    slot: Option<usize>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            REGIONS[i].end.store(0, Ordering::SeqCst);
+            REGIONS[i].start.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Registers `len` mapped bytes at `ptr` as the contents of `path`.
+pub fn watch(ptr: *const u8, len: usize, path: &std::path::Path) -> Watched {
+    if len == 0 {
+        return Watched { slot: None };
+    }
+    let msg = format!(
+        "pali: {} was truncated or overwritten while pali was reading it (its memory map lost \
+         the pages); stopping. Replace model files with mv, not cp, while pali runs.\n",
+        path.display()
+    );
+    let msg: &'static mut [u8] = msg.into_bytes().leak();
+    for (i, s) in REGIONS.iter().enumerate() {
+        if s.end.load(Ordering::SeqCst) == 0
+            && s.start
+                .compare_exchange(0, ptr as usize, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            s.len.store(msg.len(), Ordering::SeqCst);
+            s.msg.store(msg.as_mut_ptr(), Ordering::SeqCst);
+            s.end.store(ptr as usize + len, Ordering::SeqCst);
+            return Watched { slot: Some(i) };
+        }
+    }
+    log::debug!(
+        "more than {SLOTS} mapped files: {} is not watched",
+        path.display()
+    );
+    Watched { slot: None }
+}
+
+/// Registers every mapping of `path` this process has (from `/proc/self/maps`): for files
+/// that llama.cpp maps itself.
+pub fn watch_file_mappings(path: &std::path::Path) -> Vec<Watched> {
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let real = real.to_string_lossy();
+    maps.lines()
+        .filter(|l| l.split_whitespace().nth(5) == Some(&*real) && l.ends_with(&*real))
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            let (a, b) = (
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            );
+            Some(watch(a as *const u8, b.checked_sub(a)?, path))
+        })
+        .collect()
+}
+
+#[cfg(unix)]
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; only
+    // async-signal-safe calls (write, _exit, signal) follow, and the messages are leaked.
+    unsafe {
+        let addr = (*info).si_addr() as usize;
+        for s in &REGIONS {
+            let (start, end) = (s.start.load(Ordering::SeqCst), s.end.load(Ordering::SeqCst));
+            if start <= addr && addr < end {
+                let msg = s.msg.load(Ordering::SeqCst);
+                if !msg.is_null() {
+                    libc::write(2, msg as *const libc::c_void, s.len.load(Ordering::SeqCst));
+                }
+                libc::_exit(EXIT_FILE_CHANGED);
+            }
+        }
+        // Not ours: let the fault happen again with the default action.
+        libc::signal(sig, libc::SIG_DFL);
+    }
+}
+
+/// Installs the `SIGBUS` handler described in the module documentation (Unix; a no-op
+/// elsewhere). For programs, not libraries: a signal handler is process-wide.
+pub fn install_sigbus_report() {
+    #[cfg(unix)]
+    // SAFETY: a zeroed sigaction with a valid handler and an empty mask is well formed.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
