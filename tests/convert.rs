@@ -1589,3 +1589,181 @@ fn assert_close(got: &[f32], want: &[f32], row: usize) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Faults: kill -9 and a full disk
+
+/// Files directly in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `pali convert` killed with SIGKILL at 20 moments spread over a whole conversion (the
+/// mmproj, the decoder's source, the quantization, the renames): each target path holds
+/// nothing or the complete file (byte-equal to an uninterrupted run), and the same command
+/// run again, without `--force`, succeeds, cleaning what the killed run left.
+#[test]
+fn killed_conversions_leave_whole_files_or_none_and_a_rerun_succeeds() {
+    let c = Case::new("kill9", "tiny-224");
+    let convert_cmd = |out: &Path| {
+        let mut cmd = pali_cmd();
+        cmd.args(["convert", &path_str(&c.hf), "-o", &path_str(out)])
+            .args(["--type", "q4_k_m", "--name", "tiny", "-t", "1", "--quiet"]);
+        cmd
+    };
+    let reference = c.out.with_file_name("reference");
+    let t0 = std::time::Instant::now();
+    assert_success(&convert_cmd(&reference).output().unwrap());
+    let full = t0.elapsed();
+    let names = listing(&reference);
+    assert_eq!(names.len(), 2, "{names:?}");
+    let want: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(reference.join(n)).unwrap())
+        .collect();
+    let mut outcomes = std::collections::BTreeMap::new();
+    for i in 0..20u32 {
+        let out = c.out.with_file_name(format!("killed-{i}"));
+        let mut child = convert_cmd(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // From just after the start to the end of an uninterrupted run.
+        std::thread::sleep(full.mul_f64(0.02 + 0.98 * f64::from(i) / 19.0));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        for (n, bytes) in names.iter().zip(&want) {
+            let p = out.join(n);
+            if p.exists() {
+                assert!(
+                    std::fs::read(&p).unwrap() == *bytes,
+                    "run {i}: {n} exists but differs from a complete conversion"
+                );
+            }
+        }
+        let left = listing(&out);
+        *outcomes
+            .entry(format!("{} ({})", left.join(" "), status))
+            .or_insert(0) += 1;
+        let rerun = convert_cmd(&out).output().unwrap();
+        if left == names {
+            // The kill came after the conversion had finished: a rerun refuses to overwrite.
+            assert!(
+                !rerun.status.success(),
+                "run {i}: finished, rerun must refuse"
+            );
+            assert!(String::from_utf8_lossy(&rerun.stderr).contains("already exists"));
+            continue;
+        }
+        assert_success(&rerun);
+        assert_eq!(listing(&out), names, "run {i}: after the rerun");
+        for (n, bytes) in names.iter().zip(&want) {
+            assert!(
+                std::fs::read(out.join(n)).unwrap() == *bytes,
+                "run {i}: {n}"
+            );
+        }
+        let stderr = String::from_utf8_lossy(&rerun.stderr);
+        if left.iter().any(|n| n.ends_with(".partial")) {
+            assert!(
+                stderr.contains("left by a conversion that was killed"),
+                "{stderr}"
+            );
+        }
+    }
+    eprintln!("states after kill -9 (left behind, exit status): {outcomes:#?}");
+    // The one state too brief to hit by chance: killed between the two renames (the decoder
+    // in place, the mmproj still partial). The rerun replaces the decoder it finds.
+    let out = c.out.with_file_name("between-renames");
+    assert_success(&convert_cmd(&out).output().unwrap());
+    let mm = out.join(&names[0]);
+    let mut partial = mm.clone().into_os_string();
+    partial.push(".partial");
+    std::fs::rename(&mm, &partial).unwrap();
+    let rerun = convert_cmd(&out).output().unwrap();
+    assert_success(&rerun);
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert!(
+        stderr.contains("replacing") && stderr.contains(&names[1]),
+        "{stderr}"
+    );
+    assert_eq!(listing(&out), names);
+    // The moments must really fall inside the conversion, not only before or after it.
+    assert!(
+        outcomes.keys().any(|k| k.contains(".partial")),
+        "no kill landed while a file was being written: {outcomes:?}"
+    );
+}
+
+/// A disk that fills up during a conversion: a clear error naming the file being written,
+/// and nothing left in the output folder. A 512 KiB tmpfs when this process may mount one
+/// (root), else a file size limit (RLIMIT_FSIZE, `ulimit -f`), which fails writes the same
+/// way (EFBIG instead of ENOSPC).
+#[test]
+fn a_full_disk_is_named_and_leaves_nothing() {
+    /// Unmounts the tmpfs however the test ends (a mount left behind would break the next
+    /// run's scratch folder).
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let stale = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("convert-scratch/disk-full/out");
+    let _ = std::process::Command::new("umount")
+        .arg(stale)
+        .stderr(std::process::Stdio::null())
+        .status();
+    let c = Case::new("disk-full", "tiny-224");
+    std::fs::create_dir_all(&c.out).unwrap();
+    let _unmount = Unmount(c.out.clone());
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs", &path_str(&c.out)])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    for ty in ["f16", "q4_k_m"] {
+        // The tiny decoder is ~0.5 MiB in F16: the mmproj fits, the decoder does not.
+        let script = format!(
+            "{limit} exec \"$0\" convert \"$1\" -o \"$2\" --type {ty} --name tiny -t 1 --quiet",
+            limit = if mounted {
+                ""
+            } else {
+                "ulimit -f 300; trap '' XFSZ;"
+            }
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_pali")])
+            .args([path_str(&c.hf), path_str(&c.out)])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{ty}: the conversion did not fail");
+        assert!(
+            stderr.contains("No space left on device") || stderr.contains("File too large"),
+            "{ty} (tmpfs: {mounted}): {stderr}"
+        );
+        assert!(
+            stderr.contains(&path_str(&c.out)),
+            "{ty}: no file named: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(listing(&c.out), Vec::<String>::new(), "{ty}: left behind");
+    }
+    eprintln!(
+        "disk full simulated with {}",
+        if mounted {
+            "a 512 KiB tmpfs"
+        } else {
+            "ulimit -f"
+        }
+    );
+}

@@ -154,6 +154,86 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Readies the output folder: one conversion into it at a time (an exclusive lock on the
+/// folder, held while the returned handle lives), and whatever a killed run left there
+/// (`*.partial`, `*.src.partial`) removed with a warning. Existing targets are refused
+/// without `force`, except the ones that run itself committed before it was killed: when
+/// leftovers are found and not every target exists, those that do are from that run.
+fn prepare_outputs(dir: &Path, targets: &[&Path], force: bool) -> Result<std::fs::File> {
+    let lock = std::fs::File::open(dir).map_err(|e| ConvertError::io(dir, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(ConvertError::Usage(format!(
+                "another pali convert is writing into {} now: wait for it, or use another -o",
+                dir.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(ConvertError::io(dir, e)),
+    }
+    let mut leftovers = false;
+    for t in targets {
+        for suffix in [".partial", ".src.partial"] {
+            let mut p = t.as_os_str().to_owned();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            // Only files: anything else in the way fails later, with its own error.
+            if p.is_file() {
+                log::warn!(
+                    "removing {}: left by a conversion that was killed",
+                    p.display()
+                );
+                std::fs::remove_file(&p).map_err(|e| ConvertError::io(&p, e))?;
+                leftovers = true;
+            }
+        }
+    }
+    let finishing = leftovers && !targets.iter().all(|t| t.exists());
+    for t in targets.iter().filter(|t| t.exists()) {
+        if finishing {
+            log::warn!(
+                "replacing {}: written by the conversion that was killed before it finished",
+                t.display()
+            );
+        } else if !force {
+            return Err(ConvertError::Usage(format!(
+                "{} already exists (use --force to overwrite)",
+                t.display()
+            )));
+        }
+    }
+    Ok(lock)
+}
+
+/// Passes writes through and keeps the first I/O error, so that a failed write (a full
+/// disk) is reported with the file's name rather than the tensor's.
+struct TrackedWriter<W: Write> {
+    inner: W,
+    failed: Option<std::io::Error>,
+}
+
+impl<W: Write> TrackedWriter<W> {
+    fn track<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
+        r.map_err(|e| {
+            let copy = std::io::Error::new(e.kind(), e.to_string());
+            self.failed.get_or_insert(e);
+            copy
+        })
+    }
+}
+
+impl<W: Write> Write for TrackedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.track(r)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.inner.flush();
+        self.track(r)
+    }
+}
+
 /// Derives `PaliGemma2-3B-pt-224` from a folder named like `paligemma2-3b-pt-224`.
 pub fn model_name(dir: &Path, cfg: &PaliGemmaConfig) -> String {
     let base = cfg
@@ -531,7 +611,16 @@ fn write_gguf(
 ) -> Result<AtomicFile> {
     let file = AtomicFile::new(path, suffix);
     let f = std::fs::File::create(&file.tmp).map_err(|e| ConvertError::io(&file.tmp, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let mut w = TrackedWriter {
+        inner: BufWriter::with_capacity(1 << 20, f),
+        failed: None,
+    };
+    let write_error = |e: std::io::Error| {
+        ConvertError::Io(format!(
+            "writing {}: {e} (nothing was left at that path)",
+            path.display()
+        ))
+    };
     let mut err: Option<ConvertError> = None;
     let res = header.write(&mut w, |i, _, out| {
         if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -549,9 +638,12 @@ fn write_gguf(
         Ok(())
     });
     if let Err(e) = res {
+        if let Some(io) = w.failed.take() {
+            return Err(write_error(io));
+        }
         return Err(err.unwrap_or(ConvertError::Ggml(e)));
     }
-    w.flush().map_err(|e| ConvertError::io(&file.tmp, e))?;
+    w.flush().map_err(write_error)?;
     Ok(file)
 }
 
@@ -600,14 +692,7 @@ pub fn convert(opts: &ConvertOptions, progress: ProgressFn) -> Result<ConvertOut
     let mmproj_path = opts
         .out_dir
         .join(format!("mmproj-{name}-{}.gguf", opts.vision_type.label()));
-    for p in [&decoder_path, &mmproj_path] {
-        if p.exists() && !opts.force {
-            return Err(ConvertError::Usage(format!(
-                "{} already exists (use --force to overwrite)",
-                p.display()
-            )));
-        }
-    }
+    let _lock = prepare_outputs(&opts.out_dir, &[&decoder_path, &mmproj_path], opts.force)?;
 
     let mut dec = decoder_plan(&ckpt, &cfg)?;
     let mut vis = vision_plan(&ckpt, &cfg)?;
