@@ -8,6 +8,7 @@ use pali_server::{
     Sampling, Stages, Usage,
 };
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The model and the command line's defaults.
 pub struct PaliEngine {
@@ -151,6 +152,12 @@ pub struct ServeArgs {
     /// Let image_url name files inside this folder (never outside it).
     #[arg(long, value_name = "DIR")]
     allow_files: Option<PathBuf>,
+    /// Connections served at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (slow clients are dropped).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
     /// Mask decoder GGUF for /v1/segment masks (the bundled demo model has its own).
     #[arg(long, value_name = "VAE.gguf")]
     pub vae: Option<PathBuf>,
@@ -176,6 +183,13 @@ impl ServeArgs {
         if !(t >= 0.0 && t.is_finite()) {
             return Err(format!("--timeout {t}: give seconds, 0 for no limit"));
         }
+        let h = self.header_timeout;
+        if !(h > 0.0 && h.is_finite()) {
+            return Err(format!("--header-timeout {h}: give seconds (more than 0)"));
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
         Ok(Config {
             api_key: self.api_key.clone().filter(|k| !k.is_empty()),
             queue: self.queue,
@@ -183,6 +197,8 @@ impl ServeArgs {
             timeout: (t > 0.0).then_some(t),
             max_body: self.max_body,
             allow_files,
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs_f64(h),
             ..Default::default()
         })
     }

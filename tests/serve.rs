@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 struct Server {
     child: Child,
     addr: String,
+    /// What the server wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
@@ -39,8 +41,16 @@ impl Server {
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let server = Server { child, addr };
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
+        let server = Server { child, addr, log };
         let t0 = Instant::now();
         while server.get("/health").status != 200 {
             assert!(t0.elapsed() < Duration::from_secs(60), "model never loaded");
@@ -776,4 +786,312 @@ fn openai_python_client() {
     assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(", 0 failed"));
     server.stop();
+}
+
+/// Resident memory of a process, in KiB (`VmRSS` of /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Writes `raw` on a fresh connection and reads whatever comes back (bounded by a timeout):
+/// for requests that are not HTTP enough for [`http`].
+fn raw_exchange(addr: &str, raw: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(raw);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// Hostile clients for `PALI_SOAK_SECONDS` (8 here; scripts/fuzz.sh runs 60): malformed
+/// HTTP, slowloris-style clients, oversized bodies and clients that leave mid-stream, while
+/// normal requests keep succeeding; the server's memory does not grow, it drops clients that
+/// are slow to send headers, and SIGTERM still ends it cleanly with slow clients connected.
+#[test]
+fn hostile_clients_while_normal_requests_keep_succeeding() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Arc;
+    let secs: u64 = std::env::var("PALI_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let server = Server::start(&[
+        "--header-timeout",
+        "1",
+        "--max-connections",
+        "64",
+        "--max-body",
+        "1000000",
+        "--parallel",
+        "2",
+    ]);
+    let pid = server.child.id();
+    let addr = server.addr.clone();
+    let normal_body = chat(
+        "caption en",
+        &[&data_url(&example("one_shape.png"))],
+        json!({ "max_tokens": 4 }),
+    )
+    .to_string();
+    // Warm up (allocator arenas, caches) before the first memory reading.
+    for _ in 0..3 {
+        assert_eq!(
+            http(
+                &addr,
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                normal_body.as_bytes()
+            )
+            .status,
+            200
+        );
+    }
+    let rss_start = rss_kib(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let hostile = Arc::new(AtomicU64::new(0));
+    let dropped_slow = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+
+    // Normal requests: every one must succeed.
+    {
+        let (addr, stop, ok, body) = (addr.clone(), stop.clone(), ok.clone(), normal_body.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                let r = http(&addr, "POST", "/v1/chat/completions", &[], body.as_bytes());
+                assert_eq!(r.status, 200, "a normal request failed: {}", r.body);
+                assert_eq!(http(&addr, "GET", "/health", &[], b"").status, 200);
+                ok.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    // Malformed HTTP and bodies.
+    {
+        let (addr, stop, hostile) = (addr.clone(), stop.clone(), hostile.clone());
+        threads.push(std::thread::spawn(move || {
+            let big_header = format!(
+                "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(1 << 20)
+            );
+            let cases: Vec<Vec<u8>> = vec![
+                b"\x00\xff\x13garbage\r\n\r\n".to_vec(),
+                b"GET / HTTP/9.9\r\n\r\n".to_vec(),
+                b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n".to_vec(),
+                b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 10\r\nContent-Length: 20\r\n\r\n0123456789".to_vec(),
+                b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n".to_vec(),
+                b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"messages\":".to_vec(),
+                b"POST /v1/detect HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=x\r\nContent-Length: 30\r\n\r\n--x\r\nContent-Disposition: bad\r\n".to_vec(),
+                b"GET /\xc3\x28 HTTP/1.1\r\nHost: \xff\r\n\r\n".to_vec(),
+                big_header.into_bytes(),
+            ];
+            let mut i = 0;
+            while !stop.load(Relaxed) {
+                raw_exchange(&addr, &cases[i % cases.len()]);
+                i += 1;
+                hostile.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    // Oversized bodies: declared (413 before reading it) and streamed without a length.
+    {
+        let (addr, stop, hostile) = (addr.clone(), stop.clone(), hostile.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                let r = http(
+                    &addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    &[],
+                    &vec![b'{'; 1_500_000],
+                );
+                assert_eq!(r.status, 413, "{}", r.body);
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let _ = s.write_all(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                );
+                let chunk = format!("{:x}\r\n{}\r\n", 1 << 16, "x".repeat(1 << 16));
+                for _ in 0..40 {
+                    if s.write_all(chunk.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+                let mut reply = Vec::new();
+                let _ = s.read_to_end(&mut reply);
+                hostile.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    // Slowloris: 24 clients sending a header byte every 300 ms; each must be dropped by the
+    // header timeout (1 s) and comes back.
+    for _ in 0..24 {
+        let (addr, stop, dropped_slow) = (addr.clone(), stop.clone(), dropped_slow.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let t0 = Instant::now();
+                let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: slow\r\nX-Slow: ";
+                let mut n = 0;
+                let closed = loop {
+                    if stop.load(Relaxed) {
+                        break false;
+                    }
+                    if s.write_all(&head[n % head.len()..][..1]).is_err() {
+                        break true;
+                    }
+                    n += 1;
+                    let mut b = [0u8; 512];
+                    match s.read(&mut b) {
+                        Ok(0) => break true,
+                        Ok(_) => break true, // 408 Request Timeout, then close
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break true,
+                    }
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(20),
+                        "a slow client was kept for 20 s (header timeout 1 s)"
+                    );
+                };
+                if closed {
+                    dropped_slow.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    // Clients that leave mid-stream and before the answer.
+    {
+        let (addr, stop, hostile) = (addr.clone(), stop.clone(), hostile.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut req = long_request(400);
+            req["stream"] = json!(true);
+            let body = req.to_string();
+            let mut i = 0u32;
+            while !stop.load(Relaxed) {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let _ = write!(
+                    s,
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if i.is_multiple_of(2) {
+                    let mut b = [0u8; 1024];
+                    let _ = s.read(&mut b);
+                } else {
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+                drop(s);
+                i += 1;
+                hostile.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    // Memory under this load, sampled every 250 ms: the first third sets the level (the
+    // queues and buffers of a loaded server), the last third must not be above it.
+    let mut server = server;
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(250));
+        if let Some(st) = server.child.try_wait().unwrap() {
+            panic!("the server died ({st}): {}", server.log.lock().unwrap());
+        }
+        samples.push(rss_kib(pid));
+    }
+    let third = samples.len() / 3;
+    let rss_level = *samples[..third].iter().max().unwrap();
+    let rss_end = *samples[samples.len() - third..].iter().max().unwrap();
+    stop.store(true, Relaxed);
+    for t in threads {
+        t.join().expect("a client thread failed");
+    }
+    let (ok, hostile, slow) = (
+        ok.load(Relaxed),
+        hostile.load(Relaxed),
+        dropped_slow.load(Relaxed),
+    );
+    eprintln!(
+        "{secs} s: {ok} normal requests ok, {hostile} hostile requests, {slow} slow clients dropped; RSS idle {rss_start}, loaded {rss_level}, at the end {rss_end} KiB"
+    );
+    assert!(ok >= 3 && hostile >= 10 && slow >= 10, "too little traffic");
+    // Room for allocator noise, none for a leak per request.
+    assert!(
+        rss_end <= rss_level + rss_level / 10 + 8 * 1024,
+        "RSS grew under the same load from {rss_level} to {rss_end} KiB"
+    );
+    // Slow clients still connected while the server stops.
+    let _slow: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(&server.addr).unwrap();
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\nHo");
+            s
+        })
+        .collect();
+    server.stop();
+}
+
+/// A model file truncated while the server has it mapped (`cp` over it does that): the
+/// next request that reads the lost pages ends the server with one line naming the file and
+/// exit status 74, not a bare SIGBUS. (Linux cannot prevent the truncation; see
+/// pali_ggml::mapped.)
+#[test]
+fn a_model_file_truncated_while_mapped_is_reported() {
+    let dir = common::scratch_dir("truncated-while-mapped");
+    let demo = common::root().join("models/demo");
+    for f in ["pali-demo-F16.gguf", "mmproj-pali-demo-F16.gguf"] {
+        std::fs::copy(demo.join(f), dir.join(f)).unwrap();
+    }
+    let mmproj = dir.join("mmproj-pali-demo-F16.gguf");
+    let server = Server::start(&[
+        "-m",
+        &common::path_str(&dir.join("pali-demo-F16.gguf")),
+        "--mmproj",
+        &common::path_str(&mmproj),
+    ]);
+    let img = data_url(&example("one_shape.png"));
+    let req = chat("caption en", &[&img], json!({ "max_tokens": 4 }));
+    assert_eq!(server.post("/v1/chat/completions", &req).status, 200);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mmproj)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    // The reply never comes: the process ends while reading the tower's weights.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    let body = req.to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut server = server;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let log = server.log.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(74), "{status}: {log}");
+    assert!(
+        log.contains("was truncated or overwritten") && log.contains(&common::path_str(&mmproj)),
+        "{log}"
+    );
 }

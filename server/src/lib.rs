@@ -57,6 +57,12 @@ pub struct Config {
     /// After SIGTERM / Ctrl-C, how long running requests may take before they are
     /// cancelled.
     pub shutdown_grace: Duration,
+    /// `--max-connections`: connections served at once; more are closed as they arrive,
+    /// so slow or idle clients cannot take every file descriptor.
+    pub max_connections: usize,
+    /// `--header-timeout`: a client must send a request's headers within this
+    /// (slowloris-style clients are dropped; nginx's `client_header_timeout`).
+    pub header_timeout: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +75,8 @@ impl Default for Config {
             max_body: 32 << 20,
             allow_files: None,
             shutdown_grace: Duration::from_secs(10),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -119,7 +127,7 @@ pub async fn serve<E: Engine>(
     let app = router(state.clone());
     let server = {
         let stopping = stopping.clone();
-        axum::serve(listener, app).with_graceful_shutdown(async move {
+        accept_loop(listener, app, &state.config, async move {
             shutdown.await;
             log::warn!("shutting down: no new connections; finishing the requests in flight");
             stopping.notify_one();
@@ -150,6 +158,68 @@ pub async fn serve<E: Engine>(
         e = load_failed => Err(e),
         () = cancel_late => Ok(()),
     }
+}
+
+/// Accepts connections until `shutdown` resolves, each served by hyper's HTTP/1.1 with a
+/// header timeout, at most `max_connections` at a time; then lets open connections finish
+/// their requests (closing idle ones) and returns when all are closed.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut refused = 0u64;
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                // Out of file descriptors and the like: wait instead of spinning.
+                Err(e) => {
+                    log::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                log::warn!(
+                    "{refused} connections refused so far: {} open (--max-connections)",
+                    config.max_connections
+                );
+            }
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        let header_timeout = config.header_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tcp.set_nodelay(true);
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(());
+    let _ = slots
+        .acquire_many(config.max_connections.max(1) as u32)
+        .await;
+    Ok(())
 }
 
 /// Binds `host:port` (port 0: any free port), tells `on_bound` the address, and serves
