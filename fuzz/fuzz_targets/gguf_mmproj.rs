@@ -1,0 +1,4 @@
+#![no_main]
+#[path = "../cases.rs"]
+mod cases;
+libfuzzer_sys::fuzz_target!(|data: &[u8]| cases::gguf_mmproj(data));
