@@ -7,7 +7,7 @@
 #
 # Installs what it needs (a nightly toolchain and cargo-fuzz), makes seed corpora from the
 # committed fixtures (fuzz/corpus, not committed), and writes fuzz/results.md: per target the
-# executions, seconds, and crashes found. A crash, hang (> 10 s) or memory blow-up (> 2 GiB)
+# executions, seconds, and crashes found (fuzz/logs/ has libFuzzer's output). A crash, hang (> 10 s) or memory blow-up (> 2 GiB)
 # is saved by libFuzzer under fuzz/artifacts/TARGET/; copy it into fuzz/regressions/TARGET/
 # once fixed, where tests/fuzz_regressions.rs replays it on stable in `cargo test`.
 set -euo pipefail
@@ -27,19 +27,27 @@ seed() { # seed TARGET NAME < bytes
   mkdir -p "$corpus/$1"
   cat >"$corpus/$1/$2"
 }
-# An edit of the base file (fuzz/cases.rs `edit`): MODE, 32-bit little-endian OFFSET, BYTES.
-edit_seed() { # edit_seed TARGET NAME MODE OFFSET [BYTES]
-  python3 - "$3" "$4" "${5:-}" <<'EOF' | seed "$1" "$2"
-import struct, sys
-sys.stdout.buffer.write(bytes([int(sys.argv[1])]) + struct.pack("<I", int(sys.argv[2])) + sys.argv[3].encode())
+# Edits that change nothing yet (the base's own bytes at a few offsets), so that mutations
+# have bytes to work on from the start, plus a cut header, a cut data section and a lying count.
+python3 - <<'EOF'
+import os, struct
+bases = {"gguf_mmproj": "models/demo/mmproj-pali-demo-F16.gguf", "gguf_info": "models/demo/mmproj-pali-demo-F16.gguf",
+         "gguf_decoder": "models/demo/pali-demo-F16.gguf", "gguf_mask": "models/demo/vae-pali-demo.gguf",
+         "npz": "models/demo/vae-shapes.npz", "safetensors": "models/fixtures/tiny-224/hf/model.safetensors"}
+for t, path in bases.items():
+    b = open(path, "rb").read()
+    d = f"fuzz/corpus/{t}"
+    os.makedirs(d, exist_ok=True)
+    def put(name, mode, at, data=b""):
+        open(f"{d}/{name}", "wb").write(bytes([mode]) + struct.pack("<I", at) + data)
+    for at in [0, 8, 24, 100, 400, 1500, 6000, 30000, 60000]:
+        if at < len(b):
+            put(f"same-{at}", 1, at, b[at:at + 48])
+    put("tail", 3, len(b) - 64, b[-64:])
+    put("cut-header", 2, 200)
+    put("cut-data", 2, 70000)
+    put("count", 1, 16, b"\xff\xff\xff\xff")
 EOF
-}
-for t in gguf_mmproj gguf_decoder gguf_mask gguf_info safetensors npz; do
-  edit_seed $t base 1 0                    # the real file, unchanged
-  edit_seed $t cut-header 2 200            # cut inside the header
-  edit_seed $t cut-data 2 70000            # cut inside the data
-  edit_seed $t count 1 16 $'\xff\xff'      # a lying count
-done
 for f in models/demo/*.gguf; do            # small real GGUFs as whole files (mode 0)
   for t in gguf_info gguf_mmproj; do
     { printf '\0'; head -c 60000 "$f"; } | seed $t "whole-$(basename "$f")"
@@ -106,11 +114,13 @@ dict=fuzz/pali.dict
 } >"$dict"
 
 # --- runs ----------------------------------------------------------------------------------
-results=fuzz/results.md
-{
+# One row per target in fuzz/logs/TARGET.row; fuzz/results.md tables every target run so far
+# (two copies of this script may run side by side on different TARGETS).
+table() {
   echo "| target | executions | seconds | stopped by | crashes found |"
   echo "|---|---|---|---|---|"
-} >"$results"
+  for t in $ALL; do if [ -f fuzz/logs/$t.row ]; then cat fuzz/logs/$t.row; fi; done
+}
 for t in $TARGETS; do
   echo "== $t: up to $RUNS runs or $SECS s"
   log=fuzz/logs/$t.log
@@ -118,18 +128,20 @@ for t in $TARGETS; do
   set +e
   cargo +nightly fuzz run -O "$t" "$corpus/$t" -- \
     -runs="$RUNS" -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
-    -max_len=65536 -dict="$dict" -print_final_stats=1 -close_fd_mask=1 >"$log" 2>&1
+    -max_len=65536 -len_control=0 -dict="$dict" -print_final_stats=1 -close_fd_mask=1 >"$log" 2>&1
   rc=$?
   set -e
   secs=$(( $(date +%s) - start ))
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-  crashes=$(ls fuzz/artifacts/"$t" 2>/dev/null | grep -c -E '^(crash|timeout|oom|leak)-' || true)
+  crashes=$(find fuzz/artifacts/"$t" -maxdepth 1 -type f -newermt "@$start" \( -name 'crash-*' \
+    -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' -o -name 'slow-unit-*' \) 2>/dev/null | wc -l)
   if [ "${execs:-0}" -ge "$RUNS" ]; then by="$RUNS runs"; elif [ $rc -ne 0 ]; then by="a crash (rc $rc)"; else by="$SECS s"; fi
-  echo "| $t | ${execs:-?} | $secs | $by | $crashes |" | tee -a "$results"
+  echo "| $t | ${execs:-?} | $secs | $by | $crashes |" | tee fuzz/logs/$t.row
+  table >fuzz/results.md
 done
 
 if [ "${SOAK:-1}" = 1 ]; then
   echo "== server soak, 60 s"
   PALI_SOAK_SECONDS=60 cargo test --release --test serve hostile_clients -- --nocapture
 fi
-cat "$results"
+table | tee fuzz/results.md

@@ -32,6 +32,12 @@ pub struct DecoderOptions {
     pub skip_repack: bool,
 }
 
+/// The window llama.cpp is given for [`SlidingWindow::Off`]: longer than any context pali
+/// runs (see [`Decoder::generate`]), so every layer attends to everything. Not larger:
+/// llama.cpp reserves window-sized index lists per sequence for each mask it builds (4 GiB
+/// of allocation per step at 2^30, found by fuzzing).
+pub const FULL_ATTENTION_WINDOW: usize = 1 << 20;
+
 /// Prefix length above which flash attention is used unless asked otherwise: without it the
 /// non-causal prefix materialises an n×n score matrix per head (1 GB per layer at 4.1k
 /// tokens), with it the first-step logits moved up to 0.16 on the fixtures vs 0.037 without (inside the parity
@@ -255,6 +261,7 @@ impl DecoderHeader {
                 }
             )));
         }
+        check_for_llama_cpp(path, &f)?;
         let json = f.get_str(keys::TOKENIZER_HF_JSON).map_err(|_| {
             Error::Model(format!(
                 "{}: no {} (convert the checkpoint with `pali convert`)",
@@ -302,6 +309,68 @@ impl DecoderHeader {
     }
 }
 
+/// What llama.cpp's loader would abort on (a failed `GGML_ASSERT` ends the process), checked
+/// before it reads the file: the `gemma2.` hyper-parameters (only the keys pali writes, sizes
+/// positive, the layer count within llama.cpp's limit) and the vocabulary (the SentencePiece
+/// model pali writes, no token text twice).
+fn check_for_llama_cpp(path: &Path, f: &GgufFile) -> Result<()> {
+    let bad = |why: String| Error::Model(format!("{}: {why}", path.display()));
+    if let Some(k) = f
+        .keys()
+        .into_iter()
+        .find(|k| k.starts_with("gemma2.") && !keys::DECODER_HPARAMS.contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "metadata key {k} is not one a PaliGemma decoder has (convert the checkpoint with `pali convert`)"
+        )));
+    }
+    let layers = f.get_u32(keys::BLOCK_COUNT)?;
+    if !(1..=keys::MAX_DECODER_LAYERS).contains(&layers) {
+        return Err(bad(format!(
+            "{} = {layers}: must be 1 to {}",
+            keys::BLOCK_COUNT,
+            keys::MAX_DECODER_LAYERS
+        )));
+    }
+    for k in [
+        keys::CONTEXT_LENGTH,
+        keys::FEED_FORWARD_LENGTH,
+        keys::HEAD_COUNT,
+        keys::HEAD_COUNT_KV,
+        keys::KEY_LENGTH,
+        keys::VALUE_LENGTH,
+    ] {
+        if f.get_u32(k)? == 0 {
+            return Err(bad(format!("{k} = 0: must be at least 1")));
+        }
+    }
+    let model = f.get_str(keys::TOKENIZER_MODEL)?;
+    if model != "llama" {
+        return Err(bad(format!(
+            "{} = {model:?}: PaliGemma's vocabulary is SentencePiece (\"llama\")",
+            keys::TOKENIZER_MODEL
+        )));
+    }
+    let Some(pali_ggml::gguf::Value::ArrStr(tokens)) = f.get(keys::TOKENIZER_TOKENS) else {
+        return Err(bad(format!(
+            "{} is missing or not a string array",
+            keys::TOKENIZER_TOKENS
+        )));
+    };
+    let mut seen = std::collections::HashSet::with_capacity(tokens.len());
+    if let Some((id, t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, t)| !seen.insert(t.as_str()))
+    {
+        return Err(bad(format!(
+            "{}: token {id} ({t:?}) appears twice in the vocabulary",
+            keys::TOKENIZER_TOKENS
+        )));
+    }
+    Ok(())
+}
+
 /// A decoder file's facts that the rest of the model needs, read without loading its
 /// weights ([`Decoder::probe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,8 +405,10 @@ impl Decoder {
             ..Default::default()
         };
         if opts.sliding_window == SlidingWindow::Off {
-            mp.int_overrides
-                .push((keys::SLIDING_WINDOW.to_string(), 1 << 30));
+            mp.int_overrides.push((
+                keys::SLIDING_WINDOW.to_string(),
+                FULL_ATTENTION_WINDOW as i64,
+            ));
         }
         let model = LlamaModel::load(path, &mp)?;
         let hidden = model.n_embd();
@@ -437,6 +508,11 @@ impl Decoder {
             return Err(Error::ContextLength(format!(
                 "the prompt needs {n} prefix tokens + {n_predict} to generate = {need}, more than --ctx-size {}",
                 opts.max_ctx
+            )));
+        }
+        if self.sliding_window == SlidingWindow::Off && need > FULL_ATTENTION_WINDOW {
+            return Err(Error::ContextLength(format!(
+                "the prompt needs {n} prefix tokens + {n_predict} to generate = {need}, more than the {FULL_ATTENTION_WINDOW} tokens pali attends over"
             )));
         }
         let params = ContextParams {

@@ -1767,3 +1767,23 @@ fn a_full_disk_is_named_and_leaves_nothing() {
         }
     );
 }
+
+/// Two conversions into one folder: the second stops at once (the first holds a lock on
+/// the folder) and touches nothing.
+#[test]
+fn a_second_conversion_into_the_same_folder_is_refused() {
+    let c = Case::new("locked", "tiny-224");
+    std::fs::create_dir_all(&c.out).unwrap();
+    let held = std::fs::File::open(&c.out).unwrap();
+    held.lock().unwrap();
+    let e = c.convert().unwrap_err();
+    assert_err!(
+        e,
+        ConvertError::Usage(_),
+        "another pali convert",
+        &path_str(&c.out)
+    );
+    assert_clean(&c.out);
+    held.unlock().unwrap();
+    c.convert().unwrap();
+}

@@ -127,7 +127,10 @@ fn text_only_decoder_matches_hf() {
         let r = Reference::load(name);
         let c = converted(name, FileType::F32, FileType::F32);
         let mp = ModelParams {
-            int_overrides: vec![("gemma2.attention.sliding_window".into(), 1 << 30)],
+            int_overrides: vec![(
+                pali_ggml::schema::keys::SLIDING_WINDOW.into(),
+                pali::session::FULL_ATTENTION_WINDOW as i64,
+            )],
             ..Default::default()
         };
         let lm = LlamaModel::load(&c.decoder, &mp).unwrap();

@@ -111,6 +111,9 @@ impl Backend {
     }
 }
 
+/// ggml's tensor data alignment (`TENSOR_ALIGNMENT` in ggml-impl.h).
+const TENSOR_ALIGNMENT: u64 = 32;
+
 /// The tensors of a GGUF file, readable by graphs on one backend.
 pub struct Weights {
     file: GgufFile,
@@ -140,6 +143,25 @@ impl Weights {
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         let data = file.data_offset() as usize;
         let infos = file.tensors();
+        // ggml aborts on a host buffer or tensor that is not 32-byte aligned (a file with a
+        // small general.alignment, or no tensors and so an unpadded data section).
+        if infos.is_empty() {
+            return Err(Error::Invalid(format!("{}: no tensors", path.display())));
+        }
+        if let Some(t) = std::iter::once(data as u64)
+            .chain(infos.iter().map(|t| t.offset))
+            .position(|o| o % TENSOR_ALIGNMENT != 0)
+        {
+            let what = if t == 0 {
+                "the tensor data".to_string()
+            } else {
+                format!("tensor {}", infos[t - 1].name)
+            };
+            return Err(Error::Invalid(format!(
+                "{}: {what} is not {TENSOR_ALIGNMENT}-byte aligned in the file (general.alignment too small?)",
+                path.display()
+            )));
+        }
         // The table was checked against the file's length at open; the file may have
         // shrunk since (the mapping is what counts).
         for t in &infos {

@@ -12,9 +12,11 @@
 //! naming the file and exit status 74 (`EX_IOERR`). A fault anywhere else keeps the default
 //! action. The process cannot go on after such a fault: the data it was reading is gone.
 
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 const SLOTS: usize = 64;
+/// Longest message kept (a longer path is cut).
+const MSG: usize = 512;
 
 /// Exit status after a reported fault (`EX_IOERR` from sysexits.h).
 pub const EXIT_FILE_CHANGED: i32 = 74;
@@ -22,16 +24,18 @@ pub const EXIT_FILE_CHANGED: i32 = 74;
 struct Slot {
     start: AtomicUsize,
     end: AtomicUsize,
-    /// The message (leaked, so a handler running at any moment can read it) and its length.
-    msg: AtomicPtr<u8>,
+    /// The message, in static memory a handler can read at any moment, and its length.
+    msg: [AtomicU8; MSG],
     len: AtomicUsize,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU8 = AtomicU8::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
 const EMPTY: Slot = Slot {
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
-    msg: AtomicPtr::new(std::ptr::null_mut()),
+    msg: [ZERO; MSG],
     len: AtomicUsize::new(0),
 };
 static REGIONS: [Slot; SLOTS] = [EMPTY; SLOTS];
@@ -61,15 +65,17 @@ pub fn watch(ptr: *const u8, len: usize, path: &std::path::Path) -> Watched {
          the pages); stopping. Replace model files with mv, not cp, while pali runs.\n",
         path.display()
     );
-    let msg: &'static mut [u8] = msg.into_bytes().leak();
+    let msg = &msg.as_bytes()[..msg.len().min(MSG)];
     for (i, s) in REGIONS.iter().enumerate() {
         if s.end.load(Ordering::SeqCst) == 0
             && s.start
                 .compare_exchange(0, ptr as usize, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         {
+            for (d, &b) in s.msg.iter().zip(msg) {
+                d.store(b, Ordering::Relaxed);
+            }
             s.len.store(msg.len(), Ordering::SeqCst);
-            s.msg.store(msg.as_mut_ptr(), Ordering::SeqCst);
             s.end.store(ptr as usize + len, Ordering::SeqCst);
             return Watched { slot: Some(i) };
         }
@@ -107,16 +113,18 @@ pub fn watch_file_mappings(path: &std::path::Path) -> Vec<Watched> {
 #[cfg(unix)]
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; only
-    // async-signal-safe calls (write, _exit, signal) follow, and the messages are leaked.
+    // async-signal-safe calls (write, _exit, signal) follow, on a stack buffer.
     unsafe {
         let addr = (*info).si_addr() as usize;
         for s in &REGIONS {
             let (start, end) = (s.start.load(Ordering::SeqCst), s.end.load(Ordering::SeqCst));
             if start <= addr && addr < end {
-                let msg = s.msg.load(Ordering::SeqCst);
-                if !msg.is_null() {
-                    libc::write(2, msg as *const libc::c_void, s.len.load(Ordering::SeqCst));
+                let mut buf = [0u8; MSG];
+                let n = s.len.load(Ordering::SeqCst).min(MSG);
+                for (d, b) in buf.iter_mut().zip(&s.msg).take(n) {
+                    *d = b.load(Ordering::Relaxed);
                 }
+                libc::write(2, buf.as_ptr() as *const libc::c_void, n);
                 libc::_exit(EXIT_FILE_CHANGED);
             }
         }

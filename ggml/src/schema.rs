@@ -52,6 +52,26 @@ pub mod keys {
     pub const FINAL_SOFTCAP: &str = "gemma2.final_logit_softcapping";
     #[allow(missing_docs)]
     pub const ROPE_FREQ_BASE: &str = "gemma2.rope.freq_base";
+    /// Every `gemma2.` key a decoder may have: the ones `pali convert` writes. llama.cpp
+    /// reads more (experts, rope scaling, extra layers) and aborts on some of their values,
+    /// so a decoder with any other `gemma2.` key is refused before llama.cpp sees it.
+    pub const DECODER_HPARAMS: &[&str] = &[
+        CONTEXT_LENGTH,
+        EMBEDDING_LENGTH,
+        BLOCK_COUNT,
+        FEED_FORWARD_LENGTH,
+        HEAD_COUNT,
+        HEAD_COUNT_KV,
+        KEY_LENGTH,
+        VALUE_LENGTH,
+        RMS_EPS,
+        SLIDING_WINDOW,
+        ATTN_SOFTCAP,
+        FINAL_SOFTCAP,
+        ROPE_FREQ_BASE,
+    ];
+    /// llama.cpp's layer limit (`LLAMA_MAX_LAYERS`): more aborts its loader.
+    pub const MAX_DECODER_LAYERS: u32 = 512;
 
     /// SentencePiece vocabulary, as llama.cpp's `llama` (SPM) tokenizer reads it.
     pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
