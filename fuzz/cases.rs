@@ -89,12 +89,37 @@ pub fn edit(base: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes `bytes` to this process's scratch file `name` (in /dev/shm where there is one).
-pub fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = scratch_dir();
-    let p = dir.join(name);
+/// A scratch file, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes `bytes` to a new scratch file named like `name` (in /dev/shm where there is one).
+/// Every call gets its own file: rewriting one that another thread has mapped would
+/// truncate it under that thread (a SIGBUS).
+pub fn scratch(name: &str, bytes: &[u8]) -> Scratch {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = scratch_dir().join(format!("{n}-{name}"));
     std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    p
+    Scratch(p)
 }
 
 fn scratch_dir() -> &'static Path {
@@ -197,7 +222,7 @@ pub fn safetensors(data: &[u8]) {
         "model.safetensors",
         &edit(base("models/fixtures/tiny-224/hf/model.safetensors"), data),
     );
-    if let Ok(ck) = pali_convert::safetensors::Checkpoint::open_files(&[file]) {
+    if let Ok(ck) = pali_convert::safetensors::Checkpoint::open_files(&[file.to_path_buf()]) {
         for e in ck.tensors().values() {
             let _ = ck.read_f32(e);
         }
@@ -211,7 +236,7 @@ pub fn checkpoint_json(data: &[u8]) {
     let Some((&which, text)) = data.split_first() else {
         return;
     };
-    let dir = scratch_dir().join("checkpoint");
+    let dir = scratch_dir().join(format!("checkpoint-{:?}", std::thread::current().id()));
     let _ = std::fs::create_dir_all(&dir);
     let shard = dir.join("model-00001-of-00001.safetensors");
     if !shard.exists() {
@@ -266,7 +291,7 @@ pub fn answer(data: &[u8]) {
 /// big_vision's VAE checkpoint: converted as `pali convert-vae` converts it.
 pub fn npz(data: &[u8]) {
     let npz = scratch("vae.npz", &edit(base(DEMO_NPZ), data));
-    let out = scratch_dir().join("vae-out.gguf");
+    let out = scratch("vae-out.gguf", b"");
     let _ = pali::convert_vae(&npz, &out, true);
 }
 

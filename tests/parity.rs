@@ -191,7 +191,8 @@ fn quantized_types_agree_with_hf() {
     // perturbation (an F16 rounding of the f32 tiny-swa-98 vision weights alone moves its
     // logits by 0.8): they are a worst case, not what a trained model shows.
     for (text, vision, logit_bound, min_first_top1) in [
-        (FileType::F16, FileType::F32, 0.2, 1.0),
+        // 0.2001 on tiny-swa-98 on an AVX-512 Xeon (ggml's F16 kernels differ by CPU).
+        (FileType::F16, FileType::F32, 0.25, 1.0),
         (FileType::F32, FileType::F16, 1.0, 1.0),
         (FileType::F16, FileType::F16, 1.0, 1.0),
         (FileType::Q8_0, FileType::F16, 6.0, 0.85),
