@@ -210,6 +210,8 @@ pub fn run(
     load: impl FnOnce() -> Result<PaliEngine, String> + Send + 'static,
 ) -> Result<(), String> {
     let config = flags.config()?;
+    // The CLI's quiet exit on a closed pipe must not apply to client sockets.
+    pali_ggml::ignore_sigpipe();
     let host = flags.host.as_str();
     let open = !host.starts_with("127.") && host != "localhost" && host != "::1";
     if open && config.api_key.is_none() {

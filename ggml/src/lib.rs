@@ -146,6 +146,17 @@ pub fn cpu_features() -> Vec<String> {
     v
 }
 
+/// Ignores `SIGPIPE` again, for a server: hyper writes responses with `writev`, which (unlike
+/// `send`) raises SIGPIPE when the client has reset the connection, and with the default
+/// action that ends the whole server (found by the hostile-clients soak). Unix only.
+pub fn ignore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Restores the default action of `SIGPIPE` (terminate quietly), which Rust programs ignore:
 /// a CLI whose output is piped into `head` then stops like any Unix tool instead of panicking
 /// on a "Broken pipe" write error. Unix only; a no-op elsewhere.
