@@ -174,6 +174,7 @@ pub fn gguf_decoder(data: &[u8]) {
         n_gpu_layers: 0,
         sliding_window: Default::default(),
         skip_repack: true,
+        ..Default::default()
     };
     let Ok(dec) = Decoder::load(&path, &opts) else {
         return;

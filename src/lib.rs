@@ -121,6 +121,13 @@ pub struct LoadOptions {
     /// plus copies, for a reload per image and a ~20 % slower prefill. `None`: on when the machine's RAM is less than twice
     /// the two files plus 1 GiB (see [`LowMem::auto`]).
     pub low_mem: Option<bool>,
+    /// ggml RPC servers (`host:port`, from `pali rpc-server`) whose devices take a share of
+    /// the offloaded decoder layers; the vision tower stays local. No authentication: trusted
+    /// networks only.
+    pub rpc_servers: Vec<String>,
+    /// Shares of the offloaded layers per device, in ggml's device order (the RPC servers
+    /// first, then local GPUs), as llama.cpp's `--tensor-split`; empty = by free memory.
+    pub tensor_split: Vec<f32>,
 }
 
 impl Default for LoadOptions {
@@ -130,6 +137,8 @@ impl Default for LoadOptions {
             n_gpu_layers: 0,
             sliding_window: SlidingWindow::Off,
             low_mem: None,
+            rpc_servers: Vec::new(),
+            tensor_split: Vec::new(),
         }
     }
 }
@@ -372,7 +381,15 @@ impl Model {
             }
             auto
         });
-        let (mmproj, gpu, threads) = (paths.mmproj.clone(), opts.n_gpu_layers > 0, opts.threads);
+        if !opts.rpc_servers.is_empty() {
+            for device in pali_ggml::rpc::connect(&opts.rpc_servers)? {
+                log::info!("RPC device {device}");
+            }
+        }
+        // The tower follows the layers onto a local GPU; remote devices never take it.
+        let gpu = opts.n_gpu_layers > 0
+            && (opts.rpc_servers.is_empty() || pali_ggml::graph::has_local_gpu());
+        let (mmproj, threads) = (paths.mmproj.clone(), opts.threads);
         let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads).map(Mutex::new);
         let (decoder_path, dopts) = (
             paths.decoder.clone(),
@@ -382,6 +399,7 @@ impl Model {
                 // llama.cpp's repacked copies are made while the whole file is mapped and
                 // populated: 2.5 GiB at the peak for a 3B Q4_K_M instead of 1.6.
                 skip_repack: low_mem,
+                tensor_split: opts.tensor_split.clone(),
             },
         );
         let load_decoder = move || Decoder::load(&decoder_path, &dopts);

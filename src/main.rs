@@ -55,9 +55,25 @@ struct ModelArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Decoder layers on the GPU (GPU builds); the vision tower follows when > 0.
-    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0)]
-    n_gpu_layers: i32,
+    /// Decoder layers on the GPU (GPU builds) or the RPC servers; the vision tower follows
+    /// onto a local GPU when > 0. Default: 0, or all with --rpc.
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl")]
+    n_gpu_layers: Option<i32>,
+    /// ggml RPC servers (`pali rpc-server`) that take a share of the decoder's layers, as in
+    /// llama.cpp: HOST:PORT[,HOST:PORT…]. No authentication or encryption: trusted networks
+    /// only.
+    #[cfg(feature = "rpc")]
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,…")]
+    rpc: Vec<String>,
+    /// Shares of the offloaded layers per device, in order: the --rpc servers, then local
+    /// GPUs (llama.cpp's -ts): e.g. 3,1. Default: by each device's free memory.
+    #[arg(
+        long = "tensor-split",
+        visible_alias = "ts",
+        value_delimiter = ',',
+        value_name = "N,…"
+    )]
+    tensor_split: Vec<f32>,
     /// Gemma 2 sliding window: off (full attention, as PaliGemma was trained) or llama.cpp's.
     #[arg(long = "sliding-window", value_enum, default_value_t = WindowArg::Off)]
     sliding_window: WindowArg,
@@ -107,7 +123,8 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         out: PathBuf,
-        /// Decoder type: f32, f16, q8_0, q4_0, q4_k_m.
+        /// Decoder type: f32, f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q4_0, iq4_nl,
+        /// iq4_xs, q3_k_l, q3_k_m, q3_k_s, iq3_m, iq3_s, q2_k (llama-quantize's mixes).
         #[arg(long = "type", default_value = "f16")]
         text_type: String,
         /// Vision tower type: f16, f32, q8_0.
@@ -244,6 +261,26 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Serve this machine's ggml device (its GPUs in a GPU build, else the CPU) to other
+    /// machines' `--rpc`, as llama.cpp's rpc-server (same protocol). No authentication or
+    /// encryption: anyone who reaches the port can use the device; trusted networks only.
+    #[cfg(feature = "rpc")]
+    RpcServer {
+        /// Address to listen on (anything but loopback is reachable by the network).
+        #[arg(short = 'H', long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port.
+        #[arg(short, long, default_value_t = pali_ggml::rpc::DEFAULT_PORT)]
+        port: u16,
+        /// CPU threads (default: physical cores).
+        #[arg(short, long)]
+        threads: Option<i32>,
+        /// Keep large tensors on disk between runs, so a client loading the same model again
+        /// sends only their hashes ($LLAMA_CACHE/rpc, else ~/.cache/llama.cpp/rpc, shared with
+        /// llama.cpp's rpc-server).
+        #[arg(short = 'c', long)]
+        cache: bool,
+    },
     /// Score the model on a labelled JSON Lines set: exact match per task, detection IoU.
     Eval {
         /// The set: one `{"image", "prompt", "answer"}` object per line.
@@ -254,6 +291,14 @@ enum Command {
 }
 
 fn parse_type(s: &str, what: &str, allowed: &[FileType]) -> Result<FileType, String> {
+    if FileType::needs_imatrix(s) {
+        return Err(format!(
+            "{what} {s}: llama.cpp quantizes this type only with an importance matrix \
+             (llama-imatrix + llama-quantize --imatrix), which pali convert does not make; \
+             convert to f16 and use llama-quantize, or pick a type without one \
+             (iq4_xs, q3_k_s, q2_k, …)"
+        ));
+    }
     FileType::parse(s)
         .filter(|t| allowed.contains(t))
         .ok_or_else(|| {
@@ -280,7 +325,8 @@ fn run_convert(
     threads: i32,
 ) -> Result<ConvertOutput, String> {
     use FileType::*;
-    let text_type = parse_type(text_type, "--type", &[F32, F16, Q8_0, Q4_0, Q4KM])?;
+    let decoder_types: Vec<FileType> = FileType::all().filter(|t| *t != BF16).collect();
+    let text_type = parse_type(text_type, "--type", &decoder_types)?;
     let vision_type = parse_type(vision_type, "--vision-type", &[F16, F32, Q8_0])?;
     ctrlc::set_handler(|| {
         pali_convert::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -434,9 +480,25 @@ fn model_files(args: &ModelArgs) -> Result<ModelPaths, String> {
 }
 
 fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, String> {
+    #[cfg(feature = "rpc")]
+    let rpc_servers = args.rpc.clone();
+    #[cfg(not(feature = "rpc"))]
+    let rpc_servers: Vec<String> = Vec::new();
+    // With --rpc and no -ngl every layer goes to the servers (and local GPUs), as asked for.
+    let all_layers = if rpc_servers.is_empty() { 0 } else { 999 };
+    if args.tensor_split.iter().any(|v| !v.is_finite() || *v < 0.0)
+        || (!args.tensor_split.is_empty() && args.tensor_split.iter().all(|v| *v == 0.0))
+    {
+        return Err(format!(
+            "--tensor-split {:?}: shares must be non-negative numbers, not all zero",
+            args.tensor_split
+        ));
+    }
     let opts = LoadOptions {
         threads: args.threads.unwrap_or_else(pali::default_threads),
-        n_gpu_layers: args.n_gpu_layers,
+        n_gpu_layers: args.n_gpu_layers.unwrap_or(all_layers),
+        rpc_servers,
+        tensor_split: args.tensor_split.clone(),
         sliding_window: match args.sliding_window {
             WindowArg::Off => SlidingWindow::Off,
             WindowArg::LlamaCpp => SlidingWindow::LlamaCpp,
@@ -794,13 +856,41 @@ fn llama_cpp_flag(arg: std::ffi::OsString) -> std::ffi::OsString {
     match arg.to_str() {
         Some("-ngl") => "--n-gpu-layers".into(),
         Some("-ctk") => "--cache-type".into(),
+        Some("-ts") => "--tensor-split".into(),
         _ => arg,
     }
+}
+
+/// `pali rpc-server`: ggml's RPC server on this machine's device, until killed.
+#[cfg(feature = "rpc")]
+fn run_rpc_server(host: &str, port: u16, threads: Option<i32>, cache: bool) -> Result<(), String> {
+    let endpoint = format!("{host}:{port}");
+    let addr = pali_ggml::rpc::parse_endpoint(&endpoint).map_err(|e| e.to_string())?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: ggml's RPC protocol has no authentication or encryption: anyone who can \
+             reach {endpoint} can run work on this machine and read what it holds; use it on a \
+             trusted network only"
+        );
+    }
+    let cache_dir = cache.then(|| {
+        std::env::var_os("LLAMA_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama.cpp"))
+            })
+            .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/llama.cpp")))
+            .unwrap_or_else(|| PathBuf::from(".cache/llama.cpp"))
+            .join("rpc")
+    });
+    let threads = threads.unwrap_or_else(pali::default_threads).max(1) as usize;
+    pali_ggml::rpc::serve(&endpoint, threads, cache_dir.as_deref()).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     pali_ggml::default_sigpipe();
     pali_ggml::mapped::install_sigbus_report();
+    pali_ggml::rpc::install_abort_report();
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,llama.cpp=off"),
     )
@@ -902,6 +992,13 @@ fn main() -> ExitCode {
             model,
         } => run_bench(&image, &prompt, runs.max(1), &model).map(|_| true),
         Command::Eval { set, model } => run_eval(&set, &model).map(|_| true),
+        #[cfg(feature = "rpc")]
+        Command::RpcServer {
+            host,
+            port,
+            threads,
+            cache,
+        } => run_rpc_server(&host, port, threads, cache).map(|_| true),
         #[cfg(feature = "serve")]
         Command::Serve { serve, model } => run_serve(serve, model).map(|_| true),
     };

@@ -21,7 +21,7 @@ pub enum SlidingWindow {
 }
 
 /// Decoder loading options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DecoderOptions {
     /// GPU layers (GPU builds).
     pub n_gpu_layers: i32,
@@ -30,6 +30,9 @@ pub struct DecoderOptions {
     /// Keep the weights in the memory map only, without llama.cpp's repacked CPU copies
     /// (low-memory mode).
     pub skip_repack: bool,
+    /// Shares of the offloaded layers per device (llama.cpp's `--tensor-split`; empty = by
+    /// free memory).
+    pub tensor_split: Vec<f32>,
 }
 
 /// The window llama.cpp is given for [`SlidingWindow::Off`]: longer than any context pali
@@ -402,6 +405,7 @@ impl Decoder {
         let mut mp = ModelParams {
             n_gpu_layers: opts.n_gpu_layers,
             skip_repack: opts.skip_repack,
+            tensor_split: opts.tensor_split.clone(),
             ..Default::default()
         };
         if opts.sliding_window == SlidingWindow::Off {

@@ -45,6 +45,7 @@ fn crafted_tokens_give_pixel_boxes_on_a_non_square_image() {
             n_gpu_layers: 0,
             sliding_window: SlidingWindow::Off,
             skip_repack: false,
+            ..Default::default()
         },
     )
     .unwrap();

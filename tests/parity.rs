@@ -200,7 +200,7 @@ fn quantized_types_agree_with_hf() {
         // them since its MLP is padded to whole blocks (tiny-swa-98: 80 -> 96): 17/27.
         (FileType::Q8_0, FileType::Q8_0, 9.0, 0.6),
         (FileType::Q4_0, FileType::F16, 30.0, 0.33),
-        (FileType::Q4KM, FileType::F16, 30.0, 0.5),
+        (FileType::Q4_K_M, FileType::F16, 30.0, 0.5),
     ] {
         let mut rows = Vec::new();
         for name in FIXTURES {

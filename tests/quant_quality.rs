@@ -94,7 +94,7 @@ fn q8_0_within_one_point_of_f32() {
 #[test]
 fn four_bit_decoders_within_measured_bounds() {
     let f32 = f32_report();
-    let q4km = eval(FileType::Q4KM, FileType::F16);
+    let q4km = eval(FileType::Q4_K_M, FileType::F16);
     assert_within("Q4_K_M + F16 vision", f32, &q4km, Q4_K_M_BOUND);
     let q40 = eval(FileType::Q4_0, FileType::F16);
     assert_within("Q4_0 + F16 vision", f32, &q40, Q4_0_BOUND);

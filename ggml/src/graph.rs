@@ -38,7 +38,7 @@ impl Backend {
         // SAFETY: device queries and init return NULL on failure, which is checked.
         unsafe {
             if gpu {
-                let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_GPU);
+                let dev = local_gpu();
                 if !dev.is_null() {
                     let raw = sys::ggml_backend_dev_init(dev, ptr::null());
                     if !raw.is_null() {
@@ -51,7 +51,7 @@ impl Backend {
                         });
                     }
                 }
-                log::warn!("no GPU backend available; the vision tower runs on the CPU");
+                log::warn!("no local GPU backend available; the vision tower runs on the CPU");
             }
             let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
             let raw = if dev.is_null() {
@@ -109,6 +109,27 @@ impl Backend {
                 .into_owned()
         }
     }
+}
+
+/// The first GPU device of this machine, or NULL. RPC servers register as GPU devices too,
+/// but pali's own graphs (the vision tower) stay on this machine.
+fn local_gpu() -> sys::ggml_backend_dev_t {
+    crate::logging::init();
+    // SAFETY: registry enumeration of valid devices.
+    unsafe {
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| sys::ggml_backend_dev_get(i))
+            .find(|d| {
+                sys::ggml_backend_dev_type(*d) == sys::GGML_BACKEND_DEVICE_TYPE_GPU
+                    && !crate::rpc::is_remote(*d)
+            })
+            .unwrap_or(ptr::null_mut())
+    }
+}
+
+/// Whether this machine has a GPU device for ggml (a GPU build with a GPU present).
+pub fn has_local_gpu() -> bool {
+    !local_gpu().is_null()
 }
 
 /// ggml's tensor data alignment (`TENSOR_ALIGNMENT` in ggml-impl.h).

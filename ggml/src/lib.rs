@@ -12,6 +12,7 @@ pub mod llama;
 pub mod logging;
 pub mod mapped;
 pub mod quant;
+pub mod rpc;
 pub mod schema;
 
 pub use llama_cpp_sys_2 as sys;

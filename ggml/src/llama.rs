@@ -20,6 +20,9 @@ pub struct ModelParams {
     /// copies (its "extra buffer types"): less memory (the copies double the repacked
     /// tensors while loading), prefill ~20 % slower.
     pub skip_repack: bool,
+    /// How offloaded layers are shared among the devices (llama.cpp's `--tensor-split`: one
+    /// proportion per device, in ggml's device order); empty = by each device's free memory.
+    pub tensor_split: Vec<f32>,
 }
 
 /// A loaded llama.cpp model.
@@ -64,10 +67,23 @@ impl LlamaModel {
         }
         // SAFETY: zeroed terminator (empty key) ends the list, as llama.cpp expects.
         overrides.push(unsafe { std::mem::zeroed() });
+        // SAFETY: a constant of the library.
+        let max_devices = unsafe { sys::llama_max_devices() };
+        if params.tensor_split.len() > max_devices {
+            return Err(Error::Invalid(format!(
+                "--tensor-split: {} proportions for at most {max_devices} devices",
+                params.tensor_split.len()
+            )));
+        }
+        let mut split = params.tensor_split.clone();
+        split.resize(max_devices, 0.0);
         crate::logging::clear_last_error();
         // SAFETY: default params plus valid pointers that outlive the call.
         let raw = unsafe {
             let mut p = sys::llama_model_default_params();
+            if !params.tensor_split.is_empty() {
+                p.tensor_split = split.as_ptr();
+            }
             p.n_gpu_layers = params.n_gpu_layers;
             p.vocab_only = params.vocab_only;
             p.use_extra_bufts = !params.skip_repack;

@@ -5,62 +5,97 @@ use crate::{sys, Error, GgmlType, Result};
 use std::ffi::CString;
 use std::path::Path;
 
-/// llama.cpp file types (`enum llama_ftype`) pali can write.
+/// llama.cpp file types (`enum llama_ftype`) pali can write: every `llama-quantize` type
+/// that needs no importance matrix, with llama.cpp's own names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types, missing_docs)]
 pub enum FileType {
-    #[allow(missing_docs)]
     F32,
-    #[allow(missing_docs)]
     F16,
-    #[allow(missing_docs)]
     BF16,
-    #[allow(missing_docs)]
     Q8_0,
-    #[allow(missing_docs)]
+    Q6_K,
+    Q5_K_M,
+    Q5_K_S,
+    Q4_K_M,
+    Q4_K_S,
     Q4_0,
-    /// llama.cpp's Q4_K_M mix (Q4_K with Q6_K for sensitive tensors).
-    Q4KM,
+    IQ4_NL,
+    IQ4_XS,
+    Q3_K_L,
+    Q3_K_M,
+    Q3_K_S,
+    IQ3_M,
+    IQ3_S,
+    Q2_K,
 }
 
+/// Every file type, each with its `llama_ftype` and llama.cpp's label, largest first.
+const FILE_TYPES: [(FileType, u32, &str); 18] = [
+    (FileType::F32, sys::LLAMA_FTYPE_ALL_F32, "F32"),
+    (FileType::F16, sys::LLAMA_FTYPE_MOSTLY_F16, "F16"),
+    (FileType::BF16, sys::LLAMA_FTYPE_MOSTLY_BF16, "BF16"),
+    (FileType::Q8_0, sys::LLAMA_FTYPE_MOSTLY_Q8_0, "Q8_0"),
+    (FileType::Q6_K, sys::LLAMA_FTYPE_MOSTLY_Q6_K, "Q6_K"),
+    (FileType::Q5_K_M, sys::LLAMA_FTYPE_MOSTLY_Q5_K_M, "Q5_K_M"),
+    (FileType::Q5_K_S, sys::LLAMA_FTYPE_MOSTLY_Q5_K_S, "Q5_K_S"),
+    (FileType::Q4_K_M, sys::LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q4_K_M"),
+    (FileType::Q4_K_S, sys::LLAMA_FTYPE_MOSTLY_Q4_K_S, "Q4_K_S"),
+    (FileType::Q4_0, sys::LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_0"),
+    (FileType::IQ4_NL, sys::LLAMA_FTYPE_MOSTLY_IQ4_NL, "IQ4_NL"),
+    (FileType::IQ4_XS, sys::LLAMA_FTYPE_MOSTLY_IQ4_XS, "IQ4_XS"),
+    (FileType::Q3_K_L, sys::LLAMA_FTYPE_MOSTLY_Q3_K_L, "Q3_K_L"),
+    (FileType::Q3_K_M, sys::LLAMA_FTYPE_MOSTLY_Q3_K_M, "Q3_K_M"),
+    (FileType::Q3_K_S, sys::LLAMA_FTYPE_MOSTLY_Q3_K_S, "Q3_K_S"),
+    (FileType::IQ3_M, sys::LLAMA_FTYPE_MOSTLY_IQ3_M, "IQ3_M"),
+    (FileType::IQ3_S, sys::LLAMA_FTYPE_MOSTLY_IQ3_S, "IQ3_S"),
+    (FileType::Q2_K, sys::LLAMA_FTYPE_MOSTLY_Q2_K, "Q2_K"),
+];
+
+/// llama-quantize types whose mixes put tensors in types that llama.cpp only quantizes with
+/// an importance matrix (IQ1/IQ2/IQ3_XXS blocks, Q2_K_S's Q2_K): `pali convert` makes none.
+pub const IMATRIX_TYPES: [&str; 9] = [
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S",
+];
+
 impl FileType {
+    /// Every type, largest first.
+    pub fn all() -> impl Iterator<Item = FileType> {
+        FILE_TYPES.iter().map(|t| t.0)
+    }
+
+    fn entry(self) -> &'static (FileType, u32, &'static str) {
+        FILE_TYPES
+            .iter()
+            .find(|t| t.0 == self)
+            .expect("every type is in the table")
+    }
+
     /// The `llama_ftype` value stored in `general.file_type`.
     pub fn llama_ftype(self) -> u32 {
-        match self {
-            FileType::F32 => sys::LLAMA_FTYPE_ALL_F32,
-            FileType::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
-            FileType::BF16 => sys::LLAMA_FTYPE_MOSTLY_BF16,
-            FileType::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
-            FileType::Q4_0 => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
-            FileType::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
-        }
+        self.entry().1
     }
 
     /// llama.cpp's spelling, used in file names (`Q4_K_M`, `F16`, …).
     pub fn label(self) -> &'static str {
-        match self {
-            FileType::F32 => "F32",
-            FileType::F16 => "F16",
-            FileType::BF16 => "BF16",
-            FileType::Q8_0 => "Q8_0",
-            FileType::Q4_0 => "Q4_0",
-            FileType::Q4KM => "Q4_K_M",
-        }
+        self.entry().2
     }
 
     /// Parses a CLI spelling (`q4_k_m`, `Q8_0`, `f16`, …).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "f32" => FileType::F32,
-            "f16" => FileType::F16,
-            "bf16" => FileType::BF16,
-            "q8_0" => FileType::Q8_0,
-            "q4_0" => FileType::Q4_0,
-            "q4_k_m" => FileType::Q4KM,
-            _ => return None,
-        })
+        FILE_TYPES
+            .iter()
+            .find(|t| t.2.eq_ignore_ascii_case(s))
+            .map(|t| t.0)
     }
 
-    /// The single element type of a non-mixed file type (matrices only; `None` for Q4_K_M).
+    /// Whether `s` names a llama-quantize type that needs an importance matrix.
+    pub fn needs_imatrix(s: &str) -> bool {
+        IMATRIX_TYPES.iter().any(|t| t.eq_ignore_ascii_case(s))
+    }
+
+    /// The single element type of a non-mixed file type (F32, F16, BF16, Q8_0, Q4_0); `None`
+    /// for llama.cpp's mixes, whose per-tensor types its quantizer chooses.
     pub fn matrix_type(self) -> Option<GgmlType> {
         match self {
             FileType::F32 => Some(GgmlType::F32),
@@ -68,7 +103,7 @@ impl FileType {
             FileType::BF16 => Some(GgmlType::BF16),
             FileType::Q8_0 => Some(GgmlType::Q8_0),
             FileType::Q4_0 => Some(GgmlType::Q4_0),
-            FileType::Q4KM => None,
+            _ => None,
         }
     }
 }
