@@ -842,6 +842,31 @@ fn unsupported_vision_types_are_usage_errors() {
     }
 }
 
+/// `pali convert --type` refuses the llama-quantize types that need an importance matrix by
+/// name, an unknown type with the list of valid ones, and bf16, before writing anything.
+#[test]
+fn cli_decoder_types_needing_an_imatrix_or_unknown_are_refused() {
+    let c = Case::new("cli-types", "tiny-224");
+    let hf = fixture_dir("tiny-224").join("hf");
+    let cases = [
+        ("iq2_xxs", "only with an importance matrix"),
+        ("Q2_K_S", "only with an importance matrix"),
+        ("iq3_xs", "only with an importance matrix"),
+        ("q4_1", "choose one of f32, f16, q8_0, q6_k"),
+        ("bf16", "choose one of"),
+    ];
+    for (ty, needle) in cases {
+        let out = pali_cmd()
+            .args(["convert", &path_str(&hf), "-o", &path_str(&c.out), "--type", ty])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{ty}: {err}");
+        assert!(err.contains(needle), "{ty}: {err}");
+        assert_clean(&c.out);
+    }
+}
+
 /// Existing outputs are refused without `force` (and left untouched) and replaced with it.
 #[test]
 fn existing_outputs_need_force() {
