@@ -312,6 +312,9 @@ impl DecoderHeader {
     }
 }
 
+/// Largest head count × head width accepted (the 28B has 32 × 128 = 4096).
+const MAX_ATTENTION_WIDTH: u64 = 1 << 20;
+
 /// What llama.cpp's loader would abort on (a failed `GGML_ASSERT` ends the process), checked
 /// before it reads the file: the `gemma2.` hyper-parameters (only the keys pali writes, sizes
 /// positive, the layer count within llama.cpp's limit) and the vocabulary (the SentencePiece
@@ -346,6 +349,30 @@ fn check_for_llama_cpp(path: &Path, f: &GgufFile) -> Result<()> {
         if f.get_u32(k)? == 0 {
             return Err(bad(format!("{k} = 0: must be at least 1")));
         }
+    }
+    // llama.cpp multiplies these in 32 bits (n_embd_k_gqa = key_length × head_count_kv): a
+    // product that wraps can match the tensor shapes its loader checks and then fail an
+    // assert in the graph (found by fuzzing: head_count_kv 0x30000004 × 32 wraps to 128).
+    let heads = f.get_u32(keys::HEAD_COUNT)? as u64;
+    let kv_heads = f.get_u32(keys::HEAD_COUNT_KV)? as u64;
+    for (k, width) in [keys::KEY_LENGTH, keys::VALUE_LENGTH]
+        .into_iter()
+        .map(|k| f.get_u32(k).map(|v| (k, v as u64)))
+        .collect::<std::result::Result<Vec<_>, _>>()?
+    {
+        if heads * width > MAX_ATTENTION_WIDTH {
+            return Err(bad(format!(
+                "{} × {k} = {heads} × {width}: larger than any Gemma 2 ({MAX_ATTENTION_WIDTH} at most)",
+                keys::HEAD_COUNT
+            )));
+        }
+    }
+    if kv_heads > heads || !heads.is_multiple_of(kv_heads) {
+        return Err(bad(format!(
+            "{} = {kv_heads} must divide {} = {heads}",
+            keys::HEAD_COUNT_KV,
+            keys::HEAD_COUNT
+        )));
     }
     let model = f.get_str(keys::TOKENIZER_MODEL)?;
     if model != "llama" {

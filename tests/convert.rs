@@ -857,7 +857,14 @@ fn cli_decoder_types_needing_an_imatrix_or_unknown_are_refused() {
     ];
     for (ty, needle) in cases {
         let out = pali_cmd()
-            .args(["convert", &path_str(&hf), "-o", &path_str(&c.out), "--type", ty])
+            .args([
+                "convert",
+                &path_str(&hf),
+                "-o",
+                &path_str(&c.out),
+                "--type",
+                ty,
+            ])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

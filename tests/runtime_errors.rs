@@ -158,3 +158,50 @@ fn ggml_uses_the_host_simd() {
     assert!(f.iter().any(|x| x == "NEON"), "{f:?}");
     println!("ggml CPU features: {f:?}");
 }
+
+/// A decoder whose attention sizes llama.cpp would multiply past 32 bits (the wrapped
+/// product can match the tensor shapes and then fail an assert in its graph), or whose KV
+/// head count does not divide the head count, is refused naming the keys (found by fuzzing:
+/// head_count_kv 0x30000004).
+#[test]
+fn inconsistent_attention_sizes_are_refused() {
+    let demo = std::fs::read(root().join("models/demo/pali-demo-F16.gguf")).unwrap();
+    // A u32 key's value: after the key (length-prefixed) and its type tag (4 = UINT32).
+    let value_at = |key: &str| {
+        let mut k = (key.len() as u64).to_le_bytes().to_vec();
+        k.extend_from_slice(key.as_bytes());
+        k.extend_from_slice(&4u32.to_le_bytes());
+        demo.windows(k.len()).position(|w| w == k).unwrap() + k.len()
+    };
+    let mmproj = root().join("models/demo/mmproj-pali-demo-F16.gguf");
+    for (key, value, needle) in [
+        (
+            "gemma2.attention.head_count_kv",
+            0x3000_0004u32,
+            "head_count_kv = 805306372 must divide",
+        ),
+        (
+            "gemma2.attention.head_count_kv",
+            3,
+            "head_count_kv = 3 must divide gemma2.attention.head_count = 4",
+        ),
+        (
+            "gemma2.attention.head_count",
+            0x3000_0004,
+            "larger than any Gemma 2",
+        ),
+    ] {
+        let mut bad = demo.clone();
+        let at = value_at(key);
+        bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let path = scratch_dir(&format!("attn-{value}")).join("dec.gguf");
+        std::fs::write(&path, &bad).unwrap();
+        for low_mem in [false, true] {
+            let e = err_text(load_mode(path.clone(), mmproj.clone(), low_mem));
+            assert!(
+                e.contains(needle) && e.contains("dec.gguf"),
+                "{key} {value}: {e}"
+            );
+        }
+    }
+}
