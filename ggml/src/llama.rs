@@ -79,7 +79,7 @@ impl LlamaModel {
         split.resize(max_devices, 0.0);
         crate::logging::clear_last_error();
         // SAFETY: default params plus valid pointers that outlive the call.
-        let raw = unsafe {
+        let load = || unsafe {
             let mut p = sys::llama_model_default_params();
             if !params.tensor_split.is_empty() {
                 p.tensor_split = split.as_ptr();
@@ -93,6 +93,14 @@ impl LlamaModel {
                 p.kv_overrides = overrides.as_ptr();
             }
             sys::llama_model_load_from_file(cpath.as_ptr(), p)
+        };
+        // Offloaded layers (GPU, RPC servers) are copied out of the memory map: its pages are
+        // a source only, dropped as the upload goes (a 10B's 5.8 GB file would otherwise be
+        // resident whole at the end of the load, on a board that lent its layers away).
+        let raw = if params.n_gpu_layers != 0 {
+            with_mapped_pages_released(path, load)
+        } else {
+            load()
         };
         if raw.is_null() {
             let why = crate::logging::take_last_error()
@@ -508,4 +516,23 @@ pub(crate) fn release_mapped_pages(path: &Path) -> usize {
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn release_mapped_pages(_path: &Path) -> usize {
     0
+}
+
+/// Runs `f` while a watcher thread drops this process's mapped pages of `path` every 100 ms
+/// ([`release_mapped_pages`]). For work that reads a whole file through llama.cpp's memory map
+/// once, as a source only (quantizing it; uploading its layers to a GPU or RPC servers):
+/// without it every page read stays resident until the end, the whole file at the peak.
+pub(crate) fn with_mapped_pages_released<T>(path: &Path, f: impl FnOnce() -> T) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                release_mapped_pages(path);
+            }
+        });
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    })
 }

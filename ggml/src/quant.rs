@@ -219,27 +219,18 @@ pub fn quantize_model_file(
         .map_err(|_| Error::Invalid("bad path".into()))?;
     // llama.cpp reads the input through a memory map and never lets go of the pages it has
     // read: the biggest tensor (the bf16 embedding, 1.8 GB for a 10B) would stay resident
-    // whole. A watcher drops this process's mapped pages of the input every 100 ms; the
-    // quantizer re-reads any it still needs from the page cache.
-    let done = std::sync::atomic::AtomicBool::new(false);
+    // whole. A watcher drops them while it runs; the quantizer re-reads any it still needs
+    // from the page cache.
     crate::logging::clear_last_error();
-    let rc = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                crate::llama::release_mapped_pages(input);
-            }
-        });
+    let rc = crate::llama::with_mapped_pages_released(input, || {
         // SAFETY: default params, valid paths; the function returns non-zero on failure.
-        let rc = unsafe {
+        unsafe {
             let mut p = sys::llama_model_quantize_default_params();
             p.ftype = ftype.llama_ftype();
             p.nthread = threads;
             p.max_buf_size = max_buf;
             sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &p)
-        };
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        rc
+        }
     });
     if rc != 0 {
         let why = crate::logging::take_last_error().unwrap_or_else(|| format!("code {rc}"));
