@@ -223,6 +223,17 @@ impl VisionEncoder {
         ];
         want.extend(projector::expected_shapes(c));
         let infos = self.weights.file().tensors();
+        // 16 tensors per layer: a lying block count is refused before the expected table is
+        // built (2^31 layers made that loop run for ever: found by fuzzing).
+        if c.layers.saturating_mul(16) > infos.len() {
+            return Err(Error::Model(format!(
+                "{}: {} = {} but the file holds only {} tensors",
+                self.weights.file().path().display(),
+                keys::V_BLOCK_COUNT,
+                c.layers,
+                infos.len()
+            )));
+        }
         // A quantized tower may store the MLP zero-padded to whole blocks (pali convert
         // does, for Q8_0: 4304 -> 4320); the padding changes nothing in the result.
         let padded = c.ffn.div_ceil(32) * 32;

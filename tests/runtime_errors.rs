@@ -205,3 +205,29 @@ fn inconsistent_attention_sizes_are_refused() {
         }
     }
 }
+
+/// An mmproj whose vision block count exceeds what its tensors can hold is refused at once,
+/// naming the key (2^31 layers made the shape check loop for ever: found by fuzzing).
+#[test]
+fn vision_block_count_beyond_the_tensors_is_refused() {
+    let demo = std::fs::read(root().join("models/demo/mmproj-pali-demo-F16.gguf")).unwrap();
+    let key = "clip.vision.block_count";
+    let mut k = (key.len() as u64).to_le_bytes().to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k.extend_from_slice(&4u32.to_le_bytes());
+    let at = demo
+        .windows(k.len())
+        .position(|w| w == k.as_slice())
+        .unwrap()
+        + k.len();
+    let mut bad = demo.clone();
+    bad[at..at + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    let path = scratch_dir("vision-blocks").join("mm.gguf");
+    std::fs::write(&path, &bad).unwrap();
+    let e = err_text(load(root().join("models/demo/pali-demo-F16.gguf"), path));
+    assert!(
+        e.contains("clip.vision.block_count = 2147483647 but the file holds only")
+            && e.contains("mm.gguf"),
+        "{e}"
+    );
+}
