@@ -128,6 +128,8 @@ pub struct LoadOptions {
     /// Shares of the offloaded layers per device, in ggml's device order (the RPC servers
     /// first, then local GPUs), as llama.cpp's `--tensor-split`; empty = by free memory.
     pub tensor_split: Vec<f32>,
+    /// The vision tower's compute precision (default: F16 on a GPU, F32 on the CPU).
+    pub vision_precision: siglip::VisionPrecision,
 }
 
 impl Default for LoadOptions {
@@ -139,6 +141,7 @@ impl Default for LoadOptions {
             low_mem: None,
             rpc_servers: Vec::new(),
             tensor_split: Vec::new(),
+            vision_precision: siglip::VisionPrecision::Auto,
         }
     }
 }
@@ -390,7 +393,12 @@ impl Model {
         let gpu = opts.n_gpu_layers > 0
             && (opts.rpc_servers.is_empty() || pali_ggml::graph::has_local_gpu());
         let (mmproj, threads) = (paths.mmproj.clone(), opts.threads);
-        let load_vision = move || VisionEncoder::load(&mmproj, gpu, threads).map(Mutex::new);
+        let precision = opts.vision_precision;
+        let load_vision = move || {
+            let mut v = VisionEncoder::load(&mmproj, gpu, threads)?;
+            v.set_precision(precision);
+            Ok(Mutex::new(v))
+        };
         let (decoder_path, dopts) = (
             paths.decoder.clone(),
             DecoderOptions {

@@ -65,6 +65,10 @@ struct ModelArgs {
     #[cfg(feature = "rpc")]
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,…")]
     rpc: Vec<String>,
+    /// The vision tower's compute precision: auto (F16 on a GPU, F32 on the CPU), f32 (HF's
+    /// F32 to float reassociation), f16 (F16 weights and attention, F32 norms: a GPU's speed).
+    #[arg(long = "vision-precision", value_enum, default_value_t = PrecisionArg::Auto)]
+    vision_precision: PrecisionArg,
     /// Shares of the offloaded layers per device, in order: the --rpc servers, then local
     /// GPUs (llama.cpp's -ts): e.g. 3,1. Default: by each device's free memory.
     #[arg(
@@ -98,6 +102,13 @@ enum CacheTypeArg {
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    Auto,
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -499,6 +510,11 @@ fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, String> {
         n_gpu_layers: args.n_gpu_layers.unwrap_or(all_layers),
         rpc_servers,
         tensor_split: args.tensor_split.clone(),
+        vision_precision: match args.vision_precision {
+            PrecisionArg::Auto => pali::siglip::VisionPrecision::Auto,
+            PrecisionArg::F32 => pali::siglip::VisionPrecision::F32,
+            PrecisionArg::F16 => pali::siglip::VisionPrecision::F16,
+        },
         sliding_window: match args.sliding_window {
             WindowArg::Off => SlidingWindow::Off,
             WindowArg::LlamaCpp => SlidingWindow::LlamaCpp,

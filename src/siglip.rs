@@ -171,12 +171,29 @@ pub enum AttentionKernel {
     Plain,
 }
 
+/// The precision the tower computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VisionPrecision {
+    /// [`VisionPrecision::F16`] on GPU backends, [`VisionPrecision::F32`] on the CPU.
+    #[default]
+    Auto,
+    /// F16/BF16 weights widened to F32 in the graph and F32 attention: HF's F32 to float
+    /// reassociation, and no slower on the CPU, whose F16 and F32 matmuls run at one rate.
+    F32,
+    /// F16 weights used as they are (the backend multiplies in F16: tensor cores on a GPU)
+    /// and F16 keys/values in flash attention; layer norms, GELU, residuals and the softmax
+    /// accumulation stay F32. What a GPU needs to be fast; F16-class precision (tests/parity.rs
+    /// measures it against HF on the CPU).
+    F16,
+}
+
 /// The SigLIP tower + projector, loaded from an mmproj GGUF.
 pub struct VisionEncoder {
     cfg: VisionConfig,
     weights: Weights,
     backend: Backend,
     attention: AttentionKernel,
+    precision: VisionPrecision,
 }
 
 impl VisionEncoder {
@@ -190,6 +207,7 @@ impl VisionEncoder {
             weights,
             backend,
             attention: AttentionKernel::Auto,
+            precision: VisionPrecision::Auto,
         };
         enc.check_shapes()?;
         Ok(enc)
@@ -204,6 +222,20 @@ impl VisionEncoder {
     /// can run; `Plain` is what a backend without a fused kernel for the shape gets).
     pub fn set_attention(&mut self, kernel: AttentionKernel) {
         self.attention = kernel;
+    }
+
+    /// Chooses the compute precision (default `Auto`: F16 on a GPU, F32 on the CPU).
+    pub fn set_precision(&mut self, precision: VisionPrecision) {
+        self.precision = precision;
+    }
+
+    /// The precision the tower computes in (`Auto` resolved for this backend).
+    pub fn precision(&self) -> VisionPrecision {
+        match self.precision {
+            VisionPrecision::Auto if self.backend.is_cpu() => VisionPrecision::F32,
+            VisionPrecision::Auto => VisionPrecision::F16,
+            p => p,
+        }
     }
 
     /// Name of the backend the tower runs on.
@@ -302,7 +334,7 @@ impl VisionEncoder {
         let g = Graph::new(&self.weights);
         let fused =
             |t: Tensor<'_>| self.attention == AttentionKernel::Auto && g.supports(t, &self.backend);
-        let x = tower(&g, c, patchify(c, pixels), &fused)?;
+        let x = tower(&g, c, patchify(c, pixels), self.precision(), &fused)?;
         let out = match output {
             VisionOutput::Tower => x,
             VisionOutput::Projected => projector::project(&g, x)?,
@@ -311,8 +343,18 @@ impl VisionEncoder {
     }
 }
 
-fn linear<'g>(g: &'g Graph, x: Tensor<'g>, w: &str, b: &str) -> Result<Tensor<'g>> {
-    Ok(g.add(g.mul_mat(f32_weight(g, g.weight(w)?), x), g.weight(b)?))
+fn linear<'g>(
+    g: &'g Graph,
+    x: Tensor<'g>,
+    w: &str,
+    b: &str,
+    precision: VisionPrecision,
+) -> Result<Tensor<'g>> {
+    let w = match precision {
+        VisionPrecision::F16 => g.weight(w)?,
+        _ => f32_weight(g, g.weight(w)?),
+    };
+    Ok(g.add(g.mul_mat(w, x), g.weight(b)?))
 }
 
 /// ggml's CPU matmul converts the activations to the weight's "vec_dot" type. For F16
@@ -349,10 +391,18 @@ fn attention<'g>(
     g: &'g Graph,
     (q, k, v): (Tensor<'g>, Tensor<'g>, Tensor<'g>),
     scale: f32,
+    precision: VisionPrecision,
     fused: &dyn Fn(Tensor<'g>) -> bool,
 ) -> Tensor<'g> {
     let [hd, n, heads, _] = q.ne();
-    let fa = g.flash_attn(q, k, v, scale);
+    // F16 keys and values are what GPU flash-attention kernels are fast on (some have no F32
+    // kernel at all); the accumulation stays F32 (GGML_PREC_F32).
+    let fa = match precision {
+        VisionPrecision::F16 => {
+            g.flash_attn(q, g.cast(k, GgmlType::F16), g.cast(v, GgmlType::F16), scale)
+        }
+        _ => g.flash_attn(q, k, v, scale),
+    };
     if fused(fa) {
         return g.reshape(fa, &[hd * heads, n]);
     }
@@ -367,8 +417,10 @@ fn tower<'g>(
     g: &'g Graph,
     c: &VisionConfig,
     patches: Vec<f32>,
+    precision: VisionPrecision,
     fused: &dyn Fn(Tensor<'g>) -> bool,
 ) -> Result<Tensor<'g>> {
+    let linear = |x, w: &str, b: &str| linear(g, x, w, b, precision);
     let (d, n, p) = (c.width as i64, c.n_tokens() as i64, c.patch_size as i64);
     let (heads, hd) = (c.heads as i64, (c.width / c.heads) as i64);
     let input = g.input(&[3 * p * p, n], patches);
@@ -380,14 +432,14 @@ fn tower<'g>(
         let w = |s: &str| vision_block(l, s);
         let h = layer_norm(g, x, &w(names::LN1_W), &w(names::LN1_B), c.eps)?;
         let heads_of = |t: Tensor<'g>| g.permute(g.reshape(t, &[hd, heads, n]), [0, 2, 1, 3]);
-        let q = heads_of(linear(g, h, &w(names::Q_W), &w(names::Q_B))?);
-        let k = heads_of(linear(g, h, &w(names::K_W), &w(names::K_B))?);
-        let v = heads_of(linear(g, h, &w(names::V_W), &w(names::V_B))?);
-        let attn = attention(g, (q, k, v), scale, fused);
-        x = g.add(x, linear(g, attn, &w(names::O_W), &w(names::O_B))?);
+        let q = heads_of(linear(h, &w(names::Q_W), &w(names::Q_B))?);
+        let k = heads_of(linear(h, &w(names::K_W), &w(names::K_B))?);
+        let v = heads_of(linear(h, &w(names::V_W), &w(names::V_B))?);
+        let attn = attention(g, (q, k, v), scale, precision, fused);
+        x = g.add(x, linear(attn, &w(names::O_W), &w(names::O_B))?);
         let h = layer_norm(g, x, &w(names::LN2_W), &w(names::LN2_B), c.eps)?;
-        let h = gelu_tanh(g, linear(g, h, &w(names::FC1_W), &w(names::FC1_B))?);
-        x = g.add(x, linear(g, h, &w(names::FC2_W), &w(names::FC2_B))?);
+        let h = gelu_tanh(g, linear(h, &w(names::FC1_W), &w(names::FC1_B))?);
+        x = g.add(x, linear(h, &w(names::FC2_W), &w(names::FC2_B))?);
     }
     let out = layer_norm(g, x, names::POST_LN_W, names::POST_LN_B, c.eps)?;
     debug_assert_eq!(out.ty(), GgmlType::F32);
