@@ -171,9 +171,9 @@ pub fn no_gpu_reason() -> Option<String> {
             Some((_, 0)) => format!("{b} found no GPU device"),
             Some((_, n)) => format!("{b} has {n} device(s), none usable"),
             None if cfg!(feature = "dynamic-backends") => {
-                format!("the {b} module did not load: driver library missing?")
+                format!("the {b} module did not load or start: no {b} loader or driver installed?")
             }
-            None => format!("{b} did not start: no driver installed?"),
+            None => format!("{b} did not start: no {b} driver installed?"),
         })
         .collect();
     Some(parts.join("; "))
