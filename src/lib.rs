@@ -112,6 +112,7 @@ pub struct LoadOptions {
     /// Threads for the vision tower and the decoder (default: physical cores).
     pub threads: i32,
     /// Decoder layers on the GPU (GPU builds); the vision tower follows onto the GPU when > 0.
+    /// Default 0 (the CLI's default is all layers when a GPU is found, as llama.cpp's).
     pub n_gpu_layers: i32,
     /// Sliding-window treatment.
     pub sliding_window: SlidingWindow,
@@ -168,6 +169,14 @@ pub fn total_ram_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The one line a GPU build (`--features vulkan|cuda|metal`) prints when this machine has no
+/// GPU it can use and everything runs on the CPU; `None` for a CPU-only build or when a
+/// GPU is usable.
+pub fn no_gpu_notice() -> Option<String> {
+    pali_ggml::backends::no_gpu_reason()
+        .map(|why| format!("no usable GPU ({why}); running on the CPU"))
 }
 
 /// Physical core count (hyper-threads do not help ggml's matmuls); logical CPUs where the
@@ -390,8 +399,15 @@ impl Model {
             }
         }
         // The tower follows the layers onto a local GPU; remote devices never take it.
-        let gpu = opts.n_gpu_layers > 0
-            && (opts.rpc_servers.is_empty() || pali_ggml::graph::has_local_gpu());
+        let gpu = opts.n_gpu_layers > 0 && pali_ggml::graph::has_local_gpu();
+        if opts.n_gpu_layers > 0 && !gpu && opts.rpc_servers.is_empty() {
+            log::warn!(
+                "{}",
+                no_gpu_notice().unwrap_or_else(|| "this build has no GPU backend (build with \
+                    --features vulkan, cuda or metal); running on the CPU"
+                    .into())
+            );
+        }
         let (mmproj, threads) = (paths.mmproj.clone(), opts.threads);
         let precision = opts.vision_precision;
         let load_vision = move || {

@@ -56,7 +56,8 @@ struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Decoder layers on the GPU (GPU builds) or the RPC servers; the vision tower follows
-    /// onto a local GPU when > 0. Default: 0, or all with --rpc.
+    /// onto a local GPU when > 0. Default: all when a GPU is found (as llama.cpp) or with
+    /// --rpc, else 0. -ngl 0 keeps everything on the CPU.
     #[arg(long = "n-gpu-layers", visible_alias = "ngl")]
     n_gpu_layers: Option<i32>,
     /// ggml RPC servers (`pali rpc-server`) that take a share of the decoder's layers, as in
@@ -166,10 +167,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Print a GGUF file's metadata and tensor table.
+    /// Print a GGUF file's metadata and tensor table, or (--backends) the ggml backends and
+    /// devices found on this machine and which one pali uses.
     Info {
         /// The GGUF file.
-        file: PathBuf,
+        #[arg(required_unless_present = "backends")]
+        file: Option<PathBuf>,
+        /// List ggml's backends and devices (as llama.cpp's --list-devices) instead.
+        #[arg(long, conflicts_with = "file")]
+        backends: bool,
+        /// With --backends: one JSON object.
+        #[arg(long, requires = "backends")]
+        json: bool,
     },
     /// Caption images (files or folders): `caption <lang>`, or `describe <lang>` with --long.
     Caption {
@@ -415,6 +424,87 @@ fn run_info(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+/// `pali info --backends`: ggml's registered backends and devices, and the device pali runs
+/// on with its default flags.
+fn run_backends(json: bool) {
+    use pali_ggml::backends;
+    let regs = backends::registered();
+    let devices = backends::devices();
+    let gpu = backends::local_gpu();
+    let used = gpu.as_ref().map_or("CPU".to_string(), |d| d.name.clone());
+    let compiled: Vec<&str> = backends::compiled_gpu_backends()
+        .iter()
+        .map(|(b, _)| *b)
+        .collect();
+    let notice = pali::no_gpu_notice();
+    if json {
+        let devs: Vec<serde_json::Value> = devices
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "name": d.name, "backend": d.backend, "type": d.kind.label(),
+                    "description": d.description, "memory_free": d.memory_free,
+                    "memory_total": d.memory_total,
+                })
+            })
+            .collect();
+        let regs: Vec<serde_json::Value> = regs
+            .iter()
+            .map(|(n, c)| serde_json::json!({"name": n, "devices": c}))
+            .collect();
+        let v = serde_json::json!({
+            "compiled_gpu_backends": compiled,
+            "dynamic_backends": cfg!(feature = "dynamic-backends"),
+            "backends": regs,
+            "devices": devs,
+            "used": used,
+            "cpu_features": pali_ggml::cpu_features(),
+            "notice": notice,
+        });
+        println!("{v}");
+        return;
+    }
+    let build = if compiled.is_empty() {
+        "CPU only".to_string()
+    } else {
+        compiled.join(", ")
+    };
+    println!(
+        "build: {build}{}",
+        if cfg!(feature = "dynamic-backends") {
+            " (backends loaded as modules at run time)"
+        } else {
+            ""
+        }
+    );
+    println!("backends:");
+    for (name, n) in &regs {
+        println!("  {name:<10} {n} device{}", if *n == 1 { "" } else { "s" });
+    }
+    println!("devices:");
+    for d in &devices {
+        println!(
+            "  {:<10} {:<5} {} ({} MiB free of {} MiB)",
+            d.name,
+            d.kind.label(),
+            d.description,
+            d.memory_free >> 20,
+            d.memory_total >> 20
+        );
+    }
+    println!("CPU features: {}", pali_ggml::cpu_features().join(" "));
+    match gpu {
+        Some(d) => println!(
+            "used: {} ({}) for the decoder's layers and the vision tower (-ngl 0: the CPU)",
+            d.name, d.description
+        ),
+        None => println!("used: CPU"),
+    }
+    if let Some(n) = notice {
+        println!("notice: {n}");
+    }
+}
+
 /// Where the bundled demo model is looked for: the working directory, then the source tree.
 fn bundled_roots() -> [PathBuf; 2] {
     [
@@ -495,8 +585,19 @@ fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, String> {
     let rpc_servers = args.rpc.clone();
     #[cfg(not(feature = "rpc"))]
     let rpc_servers: Vec<String> = Vec::new();
-    // With --rpc and no -ngl every layer goes to the servers (and local GPUs), as asked for.
-    let all_layers = if rpc_servers.is_empty() { 0 } else { 999 };
+    // Without -ngl every layer goes to a local GPU when ggml found one, as in llama.cpp (a
+    // GPU build on a machine without one says so once and runs on the CPU), and to the
+    // servers with --rpc, as asked for.
+    let all_layers = if !rpc_servers.is_empty() || pali_ggml::graph::has_local_gpu() {
+        999
+    } else {
+        if args.n_gpu_layers.is_none() {
+            if let Some(notice) = pali::no_gpu_notice() {
+                log::warn!("{notice}");
+            }
+        }
+        0
+    };
     if args.tensor_split.iter().any(|v| !v.is_finite() || *v < 0.0)
         || (!args.tensor_split.is_empty() && args.tensor_split.iter().all(|v| *v == 0.0))
     {
@@ -942,7 +1043,18 @@ fn main() -> ExitCode {
             println!("{}", o.display());
             true
         }),
-        Command::Info { file } => run_info(file).map(|_| true),
+        Command::Info {
+            backends: true,
+            json,
+            ..
+        } => {
+            run_backends(json);
+            Ok(true)
+        }
+        Command::Info { file, .. } => match file {
+            Some(file) => run_info(file).map(|_| true),
+            None => Err("pali info: give a GGUF file or --backends".into()),
+        },
         Command::Caption {
             images,
             lang,

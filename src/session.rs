@@ -153,6 +153,9 @@ pub struct Decoder {
     header: DecoderHeader,
     hidden: usize,
     sliding_window: SlidingWindow,
+    /// Whether layers were offloaded (GPU or RPC): only then may llama.cpp send host
+    /// layers' batch ops to a device too.
+    offloaded: bool,
 }
 
 /// The PaliGemma prefix as decoder input rows: `[image × N][<bos>][prompt…]["\n"]`, each
@@ -454,6 +457,7 @@ impl Decoder {
             header: h,
             hidden,
             sliding_window: opts.sliding_window,
+            offloaded: opts.n_gpu_layers > 0,
         })
     }
 
@@ -553,6 +557,7 @@ impl Decoder {
             threads_batch: opts.threads,
             flash_attn: opts.flash_attn.unwrap_or(n > FLASH_ATTN_AUTO_TOKENS),
             kv_type: opts.kv_type,
+            op_offload: self.offloaded,
         };
         let mut ctx = LlamaContext::new(&self.model, &params)?;
         let t0 = std::time::Instant::now();

@@ -176,6 +176,7 @@ fn text_only_decoder_matches_hf() {
             threads_batch: 1,
             flash_attn: false,
             kv_type: KvCacheType::F32,
+            op_offload: false,
         };
         let mut ctx = LlamaContext::new(&lm, &params).unwrap();
         ctx.decode_tokens(&input, 0).unwrap();

@@ -231,3 +231,69 @@ fn vision_block_count_beyond_the_tensors_is_refused() {
         "{e}"
     );
 }
+
+/// `pali info --backends` lists ggml's backends and devices, the CPU among them, and which
+/// device pali uses: the CPU in a CPU-only build, without a notice (a GPU build's side is in
+/// tests/gpu.rs); `pali info` with neither a file nor --backends says what it needs.
+#[test]
+fn info_backends_lists_the_devices() {
+    let out = pali_cmd()
+        .args(["info", "--backends", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let has = |list: &str, key: &str, want: &str| {
+        v[list].as_array().unwrap().iter().any(|d| d[key] == want)
+    };
+    assert!(has("backends", "name", "CPU"), "{v}");
+    assert!(has("devices", "type", "CPU"), "{v}");
+    if v["compiled_gpu_backends"].as_array().unwrap().is_empty() {
+        assert_eq!(v["used"], "CPU", "{v}");
+        assert!(v["notice"].is_null(), "{v}");
+    }
+    let text = pali_cmd().args(["info", "--backends"]).output().unwrap();
+    assert_success(&text);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l == format!("used: {}", v["used"].as_str().unwrap())
+                || l.starts_with(&format!("used: {} (", v["used"].as_str().unwrap()))),
+        "{text}"
+    );
+    let out = pali_cmd().arg("info").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--backends") || err.contains("<FILE>"),
+        "{err}"
+    );
+}
+
+/// Without a usable GPU pali runs on the CPU: silently by default, with one line on stderr
+/// when GPU layers were asked for (`-ngl 99`). Checked in builds that find no GPU (CPU-only
+/// builds; GPU builds on a machine without one: scripts/vulkan_check.sh dynamic).
+#[test]
+fn no_gpu_is_one_line_and_the_cpu() {
+    if pali_ggml::graph::has_local_gpu() {
+        return;
+    }
+    let img = path_str(&root().join("examples/images/one_shape.png"));
+    let gpu_build = !pali_ggml::backends::compiled_gpu_backends().is_empty();
+    for (ngl, notice) in [(None, gpu_build), (Some("99"), true)] {
+        let mut args = vec!["caption", img.as_str(), "-t", "1", "--json"];
+        args.extend(ngl.map(|n| ["-ngl", n]).iter().flatten());
+        let out = pali_cmd().args(&args).output().unwrap();
+        assert_success(&out);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["text"], "a green triangle");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        if notice {
+            assert_eq!(lines.len(), 1, "{args:?}: {err}");
+            assert!(lines[0].contains("running on the CPU"), "{args:?}: {err}");
+        } else {
+            assert!(lines.is_empty(), "{args:?}: {err}");
+        }
+    }
+}

@@ -38,7 +38,7 @@ impl Backend {
         // SAFETY: device queries and init return NULL on failure, which is checked.
         unsafe {
             if gpu {
-                let dev = local_gpu();
+                let dev = local_gpu_raw();
                 if !dev.is_null() {
                     let raw = sys::ggml_backend_dev_init(dev, ptr::null());
                     if !raw.is_null() {
@@ -111,25 +111,36 @@ impl Backend {
     }
 }
 
-/// The first GPU device of this machine, or NULL. RPC servers register as GPU devices too,
+/// This machine's GPU device for pali's own graphs, or NULL: the first discrete GPU, else the
+/// first integrated one (llama.cpp's loader takes integrated GPUs only when there is no
+/// discrete one; a laptop's Vulkan device is one). RPC servers register as GPU devices too,
 /// but pali's own graphs (the vision tower) stay on this machine.
-fn local_gpu() -> sys::ggml_backend_dev_t {
+pub(crate) fn local_gpu_raw() -> sys::ggml_backend_dev_t {
     crate::logging::init();
     // SAFETY: registry enumeration of valid devices.
     unsafe {
-        (0..sys::ggml_backend_dev_count())
+        let local: Vec<sys::ggml_backend_dev_t> = (0..sys::ggml_backend_dev_count())
             .map(|i| sys::ggml_backend_dev_get(i))
-            .find(|d| {
-                sys::ggml_backend_dev_type(*d) == sys::GGML_BACKEND_DEVICE_TYPE_GPU
-                    && !crate::rpc::is_remote(*d)
-            })
-            .unwrap_or(ptr::null_mut())
+            .filter(|d| !crate::rpc::is_remote(*d))
+            .collect();
+        [
+            sys::GGML_BACKEND_DEVICE_TYPE_GPU,
+            sys::GGML_BACKEND_DEVICE_TYPE_IGPU,
+        ]
+        .iter()
+        .find_map(|&t| {
+            local
+                .iter()
+                .copied()
+                .find(|d| sys::ggml_backend_dev_type(*d) == t)
+        })
+        .unwrap_or(ptr::null_mut())
     }
 }
 
 /// Whether this machine has a GPU device for ggml (a GPU build with a GPU present).
 pub fn has_local_gpu() -> bool {
-    !local_gpu().is_null()
+    !local_gpu_raw().is_null()
 }
 
 /// ggml's tensor data alignment (`TENSOR_ALIGNMENT` in ggml-impl.h).

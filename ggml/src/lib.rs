@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backends;
 pub mod gguf;
 pub mod graph;
 pub mod llama;
