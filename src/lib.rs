@@ -412,7 +412,7 @@ impl Model {
         let precision = opts.vision_precision;
         let load_vision = move || {
             let mut v = VisionEncoder::load(&mmproj, gpu, threads)?;
-            v.set_precision(precision);
+            v.set_precision(precision)?;
             Ok(Mutex::new(v))
         };
         let (decoder_path, dopts) = (

@@ -66,8 +66,9 @@ struct ModelArgs {
     #[cfg(feature = "rpc")]
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,…")]
     rpc: Vec<String>,
-    /// The vision tower's compute precision: auto (F16 on a GPU, F32 on the CPU), f32 (HF's
-    /// F32 to float reassociation), f16 (F16 weights and attention, F32 norms: a GPU's speed).
+    /// The vision tower's compute precision: auto (f32 for now), f32 (HF's F32 to float
+    /// reassociation), f16 (F16 weights and attention, F32 accumulation and norms: a GPU's
+    /// speed; not on Vulkan).
     #[arg(long = "vision-precision", value_enum, default_value_t = PrecisionArg::Auto)]
     vision_precision: PrecisionArg,
     /// Shares of the offloaded layers per device, in order: the --rpc servers, then local

@@ -105,7 +105,7 @@ fn f16_compute_vision_tower_matches_hf() {
             let mut enc = VisionEncoder::load(&c.mmproj, false, 1).unwrap();
             assert_eq!(enc.precision(), VisionPrecision::F32, "the CPU default");
             let exact = vision_errors(&r, &enc);
-            enc.set_precision(VisionPrecision::F16);
+            enc.set_precision(VisionPrecision::F16).unwrap();
             for ((img, dt, dp), (_, et, ep)) in vision_errors(&r, &enc).into_iter().zip(exact) {
                 println!(
                     "{name} {img} vision {} F16 compute: relative error tower {dt:.2e}, projector {dp:.2e} (F32 compute {et:.2e}, {ep:.2e})",

@@ -411,6 +411,18 @@ impl<'w> Graph<'w> {
         mul_mat,
         ggml_mul_mat
     );
+    /// [`Graph::mul_mat`] with F32 accumulation demanded (`GGML_PREC_F32`): GPU backends
+    /// otherwise accumulate F16·F16 products in F16 where the device allows it (ggml-vulkan's
+    /// `f16acc` kernels), which over the vision tower's rows tripled its error on lavapipe.
+    /// The CPU accumulates in F32 either way.
+    pub fn mul_mat_f32_acc(&self, a: Tensor<'_>, b: Tensor<'_>) -> Tensor<'_> {
+        // SAFETY: valid context and tensors; set_prec only writes the op's parameters.
+        self.wrap(unsafe {
+            let t = sys::ggml_mul_mat(self.ctx, a.raw, b.raw);
+            sys::ggml_mul_mat_set_prec(t, sys::GGML_PREC_F32);
+            t
+        })
+    }
     binary!(
         #[doc = "Element-wise sum with broadcasting of `b`."]
         add,
