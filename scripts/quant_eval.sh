@@ -3,6 +3,7 @@
 # type (and the vision types), runs `pali eval` on freshly generated held-out shape scenes, and
 # prints one JSON line per pair (the BENCHMARKS.md table is made from these).
 #   scripts/quant_eval.sh [N_IMAGES] [SEED]
+#   TYPES="q6_k q3_k_m" scripts/quant_eval.sh 300 7     only some decoder types
 # Needs python3 with numpy + Pillow (for models/demo/shapes.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ WORK=${TMPDIR:-/tmp}/pali-quant-eval
 rm -rf "$WORK" && mkdir -p "$WORK/gguf"
 cargo build --release -q
 python3 models/demo/shapes.py "$WORK/set" "$N" --seed "$SEED" >/dev/null
-ALL="f32 f16 q8_0 q6_k q5_k_m q5_k_s q4_k_m q4_k_s q4_0 iq4_nl iq4_xs q3_k_l q3_k_m q3_k_s iq3_m iq3_s q2_k"
+ALL=${TYPES:-"f32 f16 q8_0 q6_k q5_k_m q5_k_s q4_k_m q4_k_s q4_0 iq4_nl iq4_xs q3_k_l q3_k_m q3_k_s iq3_m iq3_s q2_k"}
 for T in $ALL; do
   ./target/release/pali convert models/demo/hf -o "$WORK/gguf" --type "$T" --vision-type f16 --name pali-demo --quiet --force >/dev/null
 done
