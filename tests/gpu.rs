@@ -222,12 +222,7 @@ fn demo_answers_on_the_gpu_equal_the_cpu() {
 /// `pali info --backends` names the GPU device that the model commands use.
 #[test]
 fn info_backends_names_the_gpu() {
-    let out = pali_cmd()
-        .args(["info", "--backends", "--json"])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = info_backends();
     println!("{v}");
     assert_ne!(v["used"], "CPU", "{v}");
     assert!(v["notice"].is_null(), "{v}");

@@ -237,12 +237,7 @@ fn vision_block_count_beyond_the_tensors_is_refused() {
 /// tests/gpu.rs); `pali info` with neither a file nor --backends says what it needs.
 #[test]
 fn info_backends_lists_the_devices() {
-    let out = pali_cmd()
-        .args(["info", "--backends", "--json"])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = info_backends();
     let has = |list: &str, key: &str, want: &str| {
         v[list].as_array().unwrap().iter().any(|d| d[key] == want)
     };

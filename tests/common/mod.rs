@@ -429,6 +429,16 @@ pub fn assert_success(out: &std::process::Output) {
     );
 }
 
+/// `pali info --backends --json`, asserted to succeed.
+pub fn info_backends() -> serde_json::Value {
+    let out = pali_cmd()
+        .args(["info", "--backends", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Runs `pali` with `args` (one thread, `--json` appended), asserts success and parses its
 /// single JSON object.
 pub fn pali_json(args: &[&str]) -> serde_json::Value {
