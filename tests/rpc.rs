@@ -164,14 +164,16 @@ fn cli_rpc_errors_name_the_server() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The reader stays open to the end: with stdout's reader gone, pali's quiet end on
+    // SIGPIPE (like `| head`) would be the right outcome and hide the one under test.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    stdout.read_line(&mut first).unwrap();
     assert!(first.contains("one_shape.png"), "{first}");
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     let out = child.wait_with_output().unwrap();
+    drop(stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),

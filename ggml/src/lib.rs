@@ -159,13 +159,37 @@ pub fn ignore_sigpipe() {
     }
 }
 
-/// Restores the default action of `SIGPIPE` (terminate quietly), which Rust programs ignore:
-/// a CLI whose output is piped into `head` then stops like any Unix tool instead of panicking
-/// on a "Broken pipe" write error. Unix only; a no-op elsewhere.
+/// Ends the process quietly on `SIGPIPE` when stdout or stderr is a pipe whose reader has
+/// gone, as the default action would (a CLI piped into `head` stops like any Unix tool instead
+/// of panicking on a "Broken pipe" write error; Rust programs ignore SIGPIPE). Any other
+/// SIGPIPE is ignored, so the write fails with EPIPE instead: ggml-rpc's client `send`s
+/// without MSG_NOSIGNAL, and a lost RPC server must reach pali's report
+/// ([`rpc::install_abort_report`], exit 69), not kill the process without a word (the
+/// killed-server test caught that when the client was sending at the moment). Unix only; a
+/// no-op elsewhere.
 pub fn default_sigpipe() {
     #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        let mut fds = [1, 2].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        });
+        // SAFETY: poll, signal and raise are async-signal-safe; `fds` lives on this stack.
+        unsafe {
+            let ready = libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0);
+            if ready > 0 && fds.iter().any(|p| p.revents & libc::POLLERR != 0) {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+    }
+    #[cfg(unix)]
+    // SAFETY: installs a handler that only makes async-signal-safe calls.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGPIPE,
+            on_sigpipe as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }
