@@ -129,7 +129,7 @@ pub struct LoadOptions {
     /// Shares of the offloaded layers per device, in ggml's device order (the RPC servers
     /// first, then local GPUs), as llama.cpp's `--tensor-split`; empty = by free memory.
     pub tensor_split: Vec<f32>,
-    /// The vision tower's compute precision (default: F16 on a GPU, F32 on the CPU).
+    /// The vision tower's compute precision (default `Auto`: F32 on every backend for now).
     pub vision_precision: siglip::VisionPrecision,
 }
 

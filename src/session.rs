@@ -370,7 +370,7 @@ fn check_for_llama_cpp(path: &Path, f: &GgufFile) -> Result<()> {
             )));
         }
     }
-    if kv_heads > heads || !heads.is_multiple_of(kv_heads) {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(bad(format!(
             "{} = {kv_heads} must divide {} = {heads}",
             keys::HEAD_COUNT_KV,

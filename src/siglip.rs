@@ -226,7 +226,7 @@ impl VisionEncoder {
         self.attention = kernel;
     }
 
-    /// Chooses the compute precision (default `Auto`: F16 on a GPU, F32 on the CPU).
+    /// Chooses the compute precision (default `Auto`, see [`VisionPrecision::Auto`]).
     ///
     /// F16 on a Vulkan device is an error: on lavapipe ggml-vulkan wrote outside its buffers
     /// in that mode (F16 matmuls over the fixtures' 16-token images, and flash attention over

@@ -60,13 +60,6 @@ pub struct Device {
     pub memory_total: usize,
 }
 
-impl Device {
-    /// Whether it is a device of another machine (`--rpc`).
-    pub fn is_remote(&self) -> bool {
-        self.backend == "RPC"
-    }
-}
-
 /// ggml's registered backends, each with its number of devices, in registry order.
 pub fn registered() -> Vec<(String, usize)> {
     crate::logging::init();
