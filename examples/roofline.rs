@@ -97,7 +97,7 @@ fn main() -> Res<()> {
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "type": r.ty.name(), "m": r.m, "n": r.n, "k": r.k,
+                    "type": r.ty.name(), "kernel": r.kernel, "m": r.m, "n": r.n, "k": r.k,
                     "ms": round(r.ms, 4), "best_ms": round(r.best_ms, 4),
                     "gflops": round(r.gflops(), 2),
                     "weight_gbps": (r.m == 1).then(|| round(r.weight_gbps(), 2)),
@@ -137,8 +137,18 @@ fn main() -> Res<()> {
          ms = median, GFLOP/s and weight GB/s from it)"
     );
     println!(
-        "  {:<20} {:<5} {:>4} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>18}",
-        "shape", "type", "M", "N", "K", "MiB", "ms", "best ms", "GFLOP/s", "weight GB/s (best)"
+        "  {:<20} {:<5} {:<6} {:>4} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>18}",
+        "shape",
+        "type",
+        "kernel",
+        "M",
+        "N",
+        "K",
+        "MiB",
+        "ms",
+        "best ms",
+        "GFLOP/s",
+        "weight GB/s (best)"
     );
     for r in &matmuls {
         let bw = if r.m == 1 {
@@ -147,9 +157,10 @@ fn main() -> Res<()> {
             "-".into()
         };
         println!(
-            "  {:<20} {:<5} {:>4} {:>5} {:>5} {:>6.1} {:>9.3} {:>9.3} {:>9.1} {:>18}",
+            "  {:<20} {:<5} {:<6} {:>4} {:>5} {:>5} {:>6.1} {:>9.3} {:>9.3} {:>9.1} {:>18}",
             r.label,
             r.ty.name(),
+            r.kernel,
             r.m,
             r.n,
             r.k,
@@ -357,6 +368,8 @@ const CHECK_ROWS: usize = 4;
 struct MatmulResult {
     label: &'static str,
     ty: GgmlType,
+    /// `ggml` (its CPU matmul) or `blas` (pali's OpenBLAS op, `Graph::mul_mat_blas`).
+    kernel: &'static str,
     m: usize,
     n: usize,
     k: usize,
@@ -486,11 +499,17 @@ fn time_matmul(
     weights: &Weights,
     name: &str,
     (k, m, x): (usize, usize, &[f32]),
+    kernel: &str,
 ) -> Res<(f64, Vec<f32>)> {
     let g = Graph::new(weights);
     let w = g.weight(name)?;
     let x = g.input(&[k as i64, m as i64], x.to_vec());
-    let y = g.mul_mat(w, x);
+    let y = match kernel {
+        "blas" => g
+            .mul_mat_blas(w, x)
+            .ok_or("the BLAS op does not take this matmul")?,
+        _ => g.mul_mat(w, x),
+    };
     // A view of a few outputs: the whole product is computed, but little is read back.
     let out = g.crop_2d(y, 0, 0, CHECK_ROWS as i64, 1);
     let t0 = Instant::now();
@@ -504,7 +523,7 @@ fn graph_overhead(backend: &Backend, weights: &Weights) -> Res<f64> {
     let name = tensor_name(GgmlType::F32, TINY, TINY, 0);
     let x = vec![1.0; TINY];
     let mut times = (0..51)
-        .map(|_| Ok(time_matmul(backend, weights, &name, (TINY, 1, &x))?.0))
+        .map(|_| Ok(time_matmul(backend, weights, &name, (TINY, 1, &x), "ggml")?.0))
         .collect::<Res<Vec<f64>>>()?;
     Ok(median(&mut times[1..]))
 }
@@ -559,23 +578,33 @@ fn matmuls(threads: usize, runs: usize) -> Res<(Vec<MatmulResult>, f64)> {
     let mut results = Vec::new();
     for (s, &(label, k, n, m)) in SHAPES.iter().enumerate() {
         let x = random(k * m, 100 + s as u64);
-        for mat in mats.iter().filter(|w| w.k == k && w.n == n) {
+        // pali's OpenBLAS op too, where the build has it, for the float types it takes.
+        let blas = pali_ggml::blas::library().is_some() && m > 1;
+        let cases = mats
+            .iter()
+            .filter(|w| w.k == k && w.n == n)
+            .flat_map(|mat| {
+                let float = matches!(mat.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+                std::iter::once((mat, "ggml")).chain((blas && float).then_some((mat, "blas")))
+            });
+        for (mat, kernel) in cases {
             let copies = if m == 1 { mat.copies } else { 1 };
             let names: Vec<String> = (0..copies).map(|c| tensor_name(mat.ty, k, n, c)).collect();
             let case = (k, m, x.as_slice());
             // Warm-up (faults the mapped weights in, grows ggml's work buffer), checked.
             for name in &names {
-                let (_, y) = time_matmul(&backend, &weights, name, case)?;
+                let (_, y) = time_matmul(&backend, &weights, name, case, kernel)?;
                 check(mat, &x[..k], &y)?;
             }
             let mut times = Vec::new();
             while times.len() < runs || (times.iter().sum::<f64>() < 1.0 && times.len() < 100) {
                 let name = &names[times.len() % copies];
-                times.push(time_matmul(&backend, &weights, name, case)?.0);
+                times.push(time_matmul(&backend, &weights, name, case, kernel)?.0);
             }
             results.push(MatmulResult {
                 label,
                 ty: mat.ty,
+                kernel,
                 m,
                 n,
                 k,

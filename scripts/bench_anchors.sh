@@ -10,7 +10,7 @@
 # Every result is one JSON line in $OUT (default target/bench/anchors-SPEC.jsonl);
 # scripts/bench_summary.py turns that file into the BENCHMARKS.md tables.
 #   scripts/bench_anchors.sh [SPEC=3b-224] [ROUNDS=3] [THREADS=2]
-# Skip parts with SKIP="hf cold roofline" (space-separated).
+# Skip parts with SKIP="hf cold roofline" (space-separated); PYTHON=… for the HF runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPEC=${1:-3b-224}
@@ -22,6 +22,7 @@ CKPT=models/big/pg2-$SPEC
 GG=models/big/out-$SPEC
 OUT=${OUT:-target/bench/anchors-$SPEC.jsonl}
 SKIP=${SKIP:-}
+PY=${PYTHON:-python3}   # a Python with models/fixtures/requirements.txt (torch, transformers)
 skip() { [[ " $SKIP " == *" $1 "* ]]; }
 mkdir -p "$(dirname "$OUT")" "$GG"
 : > "$OUT"
@@ -57,6 +58,9 @@ for r in $(seq "$ROUNDS"); do
   pali_run "Q4_K_M+Q8_0 vision" "$GG/$NAME-Q4_K_M.gguf" "$MM8" --low-mem off
   pali_run "Q4_0+Q8_0 vision" "$GG/$NAME-Q4_0.gguf" "$MM8" --low-mem off
   pali_run "Q4_K_M --low-mem" "$GG/$NAME-Q4_K_M.gguf" "$MM16" --low-mem on
+  # The default files without OpenBLAS (ggml's own matmuls: ARM builds, or the code before
+  # the blas feature), same binary, same round.
+  PALI_NO_BLAS=1 pali_run "Q4_K_M PALI_NO_BLAS" "$GG/$NAME-Q4_K_M.gguf" "$MM16" --low-mem off
 done
 
 if ! skip cold; then
@@ -70,9 +74,9 @@ if ! skip cold; then
 fi
 
 if ! skip hf; then
-  python3 scripts/hf_bench.py "$CKPT" "$IMG" --dtype f32 --threads "$T" --n-predict $N --runs 2 --warmup 0 |
+  $PY scripts/hf_bench.py "$CKPT" "$IMG" --dtype f32 --threads "$T" --n-predict $N --runs 2 --warmup 0 |
     while read -r l; do emit "{\"kind\":\"hf\",\"result\":$l}"; done
-  python3 scripts/hf_bench.py "$CKPT" "$IMG" --dtype bf16 --threads "$T" --n-predict $N --runs 1 --warmup 0 |
+  $PY scripts/hf_bench.py "$CKPT" "$IMG" --dtype bf16 --threads "$T" --n-predict $N --runs 1 --warmup 0 |
     while read -r l; do emit "{\"kind\":\"hf\",\"result\":$l}"; done
 fi
 

@@ -131,23 +131,28 @@ def main(path: str) -> None:
         if cfg:
             vis_fl, lm_fl = flops(cfg, setup["n_prefix"])
             mm = {(m["type"], m["m"]): m for m in roof["matmul"]}
-            best = lambda ty: max((m["gflops"] for m in roof["matmul"]
-                                   if m["type"].lower() == ty.lower() and m["m"] > 1), default=None)
+            def best(ty, kernel="ggml"):
+                return max((m["gflops"] for m in roof["matmul"]
+                            if m["type"].lower() == ty.lower() and m["m"] > 1
+                            and m.get("kernel", "ggml") == kernel), default=None)
+            blas = {t: best(t, "blas") for t in ("f32", "f16", "bf16") if best(t, "blas")}
             print(f"\nVision {vis_fl / 1e9:.0f} GFLOP per image, LM prefill {lm_fl / 1e9:.0f} GFLOP "
                   f"({setup['n_prefix']} tokens). ggml matmul throughput measured here (best M > 1):"
                   f" {', '.join(f'{t} {best(t):.0f}' for t in sorted({m['type'] for m in roof['matmul']}) if best(t))}"
-                  " GFLOP/s.\n")
+                  " GFLOP/s" + (f"; pali's OpenBLAS op: {', '.join(f'{t} {g:.0f}' for t, g in blas.items())} GFLOP/s"
+                                 if blas else "") + ".\n")
             print("| stage | pali | achieved | roofline type | fraction |")
             print("|---|---|---|---|---|")
             for label, key, ty_w, stage in [
-                    ("F16 vision (widened to F32)", "Q4_K_M", "F32", "vision"),
+                    ("F16 vision on OpenBLAS (widened to F32)", "Q4_K_M", "F16 OpenBLAS", "vision"),
+                    ("F16 vision, PALI_NO_BLAS (ggml, widened)", "Q4_K_M PALI_NO_BLAS", "F32", "vision"),
                     ("Q8_0 vision (int8)", "Q4_K_M+Q8_0 vision", "Q8_0", "vision"),
                     ("Q8_0 vision (int8), vs ggml's best type", "Q4_K_M+Q8_0 vision", "Q4_K", "vision"),
                     ("Q4_K_M decoder", "Q4_K_M", "Q4_K", "prefill"),
                     ("Q4_0 decoder", "Q4_0", "Q4_0", "prefill"),
                     ("Q8_0 decoder", "Q8_0", "Q8_0", "prefill")]:
                 p = pali.get(key)
-                b = best(ty_w)
+                b = blas.get("f16") if ty_w == "F16 OpenBLAS" else best(ty_w)
                 if not p or not b:
                     continue
                 secs = med([x["median_vision_ms" if stage == "vision" else "median_prefill_ms"] for x in p]) / 1e3

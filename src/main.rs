@@ -460,6 +460,7 @@ fn run_backends(json: bool) {
             "devices": devs,
             "used": used,
             "cpu_features": pali_ggml::cpu_features(),
+            "blas": pali_ggml::blas::library(),
             "notice": notice,
         });
         println!("{v}");
@@ -494,6 +495,10 @@ fn run_backends(json: bool) {
         );
     }
     println!("CPU features: {}", pali_ggml::cpu_features().join(" "));
+    match pali_ggml::blas::library() {
+        Some(b) => println!("BLAS: {b} (float matmuls of the vision tower on the CPU)"),
+        None => println!("BLAS: none (ggml's own kernels for every matmul)"),
+    }
     match gpu {
         Some(d) => println!(
             "used: {} ({}) for the decoder's layers and the vision tower (-ngl 0: the CPU)",
@@ -909,6 +914,7 @@ fn run_bench(image: &Path, prompt: &str, runs: usize, args: &ModelArgs) -> Resul
         "prefill_tok_s": n_prefix as f64 / (pf / 1e3), "median_decode_ms": dec, "median_decode_tok_s": tps,
         "median_ttft_ms": pre + vis + pf, "peak_rss_mb": pali::peak_rss_mb(),
         "vision_backend": model.vision_backend(), "low_mem": model.low_mem(), "cpu_features": pali_ggml::cpu_features(),
+        "blas": pali_ggml::blas::library(),
     });
     if args.json {
         println!("{obj}");

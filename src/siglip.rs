@@ -365,9 +365,17 @@ fn linear<'g>(
 ) -> Result<Tensor<'g>> {
     let product = match precision {
         VisionPrecision::F16 => g.mul_mat_f32_acc(g.weight(w)?, x),
-        _ => g.mul_mat(f32_weight(g, g.weight(w)?), x),
+        _ => f32_product(g, g.weight(w)?, x),
     };
     Ok(g.add(product, g.weight(b)?))
+}
+
+/// `w·x` with F32 activations: on the BLAS library's SGEMM where the build has one (the
+/// CPU, `blas` feature; F16/BF16 weights widened there), else ggml's matmul on
+/// [`f32_weight`].
+pub(crate) fn f32_product<'g>(g: &'g Graph, w: Tensor<'g>, x: Tensor<'g>) -> Tensor<'g> {
+    g.mul_mat_blas(w, x)
+        .unwrap_or_else(|| g.mul_mat(f32_weight(g, w), x))
 }
 
 /// ggml's CPU matmul converts the activations to the weight's "vec_dot" type. For F16

@@ -74,6 +74,35 @@ fn vision_tower_and_projector_match_hf() {
     }
 }
 
+/// In a `blas` build the vision tests here run the tower's float matmuls on OpenBLAS; ggml's
+/// own matmuls (ARM builds, and `PALI_NO_BLAS=1`) must pass the same bounds: this reruns
+/// every vision-tower test of this file in a child process with BLAS turned off.
+#[test]
+fn tower_tests_pass_without_blas() {
+    let Some(blas) = pali_ggml::blas::library() else {
+        println!("no BLAS in this build: the vision tests ran on ggml's matmuls already");
+        return;
+    };
+    println!("this process: {blas}; the child: ggml's matmuls");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["vision_tower_", "--test-threads", "1", "--nocapture"])
+        .env("PALI_NO_BLAS", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "without BLAS:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The three tower tests, not this one (its name does not contain the filter).
+    assert!(
+        text.contains("test result: ok. 3 passed"),
+        "filter ran other tests:\n{text}"
+    );
+}
+
 /// The attention that GPU backends without a flash-attention kernel for the head size get
 /// (the tiny fixtures' on CUDA), here on the CPU: the same tower.
 #[test]

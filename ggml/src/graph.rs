@@ -153,6 +153,7 @@ pub struct Weights {
     _watch: crate::mapped::Watched,
     _map: memmap2::Mmap,
     buffer: sys::ggml_backend_buffer_t,
+    on_cpu: bool,
 }
 
 // SAFETY: the buffer and contexts are owned and not shared with other threads concurrently.
@@ -246,6 +247,7 @@ impl Weights {
             _watch: crate::mapped::watch(map.as_ptr(), map.len(), path),
             _map: map,
             buffer,
+            on_cpu: backend.is_cpu,
         })
     }
 
@@ -422,6 +424,33 @@ impl<'w> Graph<'w> {
             sys::ggml_mul_mat_set_prec(t, sys::GGML_PREC_F32);
             t
         })
+    }
+    /// `w·x` on the BLAS library's SGEMM (see [`crate::blas`]): F32 `[w.ne1, x.ne1]`, with
+    /// F32 activations and `w` widened to F32 row by row. `None` where that path does not
+    /// apply: a build without the `blas` feature, `PALI_NO_BLAS` set, weights on a GPU, or
+    /// operands that are not 2-D, contiguous, F32 activations.
+    pub fn mul_mat_blas(&self, w: Tensor<'_>, x: Tensor<'_>) -> Option<Tensor<'_>> {
+        // SAFETY: valid tensors of this graph; the op's sources are exactly those `supports`
+        // checked, and the callback only reads them and writes its F32 result.
+        unsafe {
+            if !self.weights.on_cpu || !crate::blas::supports(w.raw, x.raw) {
+                return None;
+            }
+            let mut args = [w.raw, x.raw];
+            Some(self.wrap(sys::ggml_custom_4d(
+                self.ctx,
+                sys::GGML_TYPE_F32,
+                (*w.raw).ne[1],
+                (*x.raw).ne[1],
+                1,
+                1,
+                args.as_mut_ptr(),
+                2,
+                Some(crate::blas::gemm_op),
+                -1, // GGML_N_TASKS_MAX: every thread of the CPU backend
+                ptr::null_mut(),
+            )))
+        }
     }
     binary!(
         #[doc = "Element-wise sum with broadcasting of `b`."]

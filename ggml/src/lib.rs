@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod backends;
+pub mod blas;
 pub mod gguf;
 pub mod graph;
 pub mod llama;

@@ -1,0 +1,196 @@
+//! Matmuls of F32 activations on OpenBLAS's GEMM, inside pali's own ggml graphs (the `blas`
+//! feature, x86-64 only).
+//!
+//! ggml's CPU matmul of F32 or F16 weights reaches about 70 GFLOP/s on 2 Zen 4 cores where
+//! OpenBLAS's SGEMM reaches 180–190 (BENCHMARKS.md, "CPU time to first token"), and the vision
+//! tower of an F16 mmproj is such matmuls. The product is a ggml custom op: each of ggml's
+//! CPU threads multiplies its own slice of weight rows with a single-threaded SGEMM, so one
+//! thread pool (ggml's) does all the work. ggml's BLAS backend was measured first and not
+//! kept: OpenBLAS's own worker threads spin for ~0.1 s after each call (OPENBLAS_THREAD_TIMEOUT
+//! is read only at load time) and took a core from ggml's threads between matmuls (tower
+//! 2.12 s instead of 1.66 s), and llama.cpp picks that backend up for its decoder too, where
+//! dequantize-then-SGEMM was slower than its own repacked kernels (prefill 6.9 s, not 4.9 s).
+//!
+//! Weights of any type with a row converter (F16, BF16, Q8_0, …) are widened to F32 a chunk
+//! of rows at a time in a per-thread buffer; activations stay F32 (unlike ggml's quantized
+//! matmuls, which round them to the weight's dot-product type).
+
+use crate::sys;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::OnceLock;
+
+#[cfg(pali_blas)]
+mod ffi {
+    use std::ffi::{c_char, c_int};
+    pub const ROW_MAJOR: c_int = 101;
+    pub const NO_TRANS: c_int = 111;
+    pub const TRANS: c_int = 112;
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn cblas_sgemm(
+            order: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        pub fn openblas_set_num_threads(n: c_int);
+        pub fn openblas_get_config() -> *const c_char;
+    }
+}
+
+/// Widened weight rows per SGEMM call: up to 4 MiB of F32 per thread (1 MiB or 256 KiB
+/// chunks measured slower: more, smaller SGEMM calls).
+const CHUNK_FLOATS: usize = 1 << 20;
+
+/// OpenBLAS's build line (version, kernels chosen for this CPU) when pali was built with the
+/// `blas` feature and `PALI_NO_BLAS` is not set; `None` otherwise.
+pub fn library() -> Option<&'static str> {
+    static LIB: OnceLock<Option<String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if std::env::var_os("PALI_NO_BLAS").is_some_and(|v| !v.is_empty() && v != "0") {
+            return None;
+        }
+        config()
+    })
+    .as_deref()
+}
+
+#[cfg(pali_blas)]
+fn config() -> Option<String> {
+    // SAFETY: OpenBLAS's own calls; the config string is static. One thread per SGEMM call:
+    // the calls run on ggml's threads, each on its own rows (see the module doc).
+    unsafe {
+        ffi::openblas_set_num_threads(1);
+        let s = std::ffi::CStr::from_ptr(ffi::openblas_get_config() as *const c_char);
+        Some(s.to_string_lossy().trim().to_string())
+    }
+}
+
+#[cfg(not(pali_blas))]
+fn config() -> Option<String> {
+    None
+}
+
+/// Whether [`gemm_op`] can compute `w·x` (`w`: a 2-D contiguous weight of a type with a row
+/// converter; `x`: 2-D contiguous F32, as wide as `w`'s rows).
+///
+/// # Safety
+/// Both pointers are valid ggml tensors.
+pub(crate) unsafe fn supports(w: *const sys::ggml_tensor, x: *const sys::ggml_tensor) -> bool {
+    let (w, x) = (&*w, &*x);
+    // Float weights only: a Q8_0 tower keeps ggml's int8 kernels, which run as fast here
+    // (1.61 s both ways at 3B-224) and are what ARM builds use.
+    let converts = matches!(
+        w.type_,
+        sys::GGML_TYPE_F32 | sys::GGML_TYPE_F16 | sys::GGML_TYPE_BF16
+    );
+    library().is_some()
+        && converts
+        && x.type_ == sys::GGML_TYPE_F32
+        && w.ne[0] == x.ne[0]
+        && w.ne[2] == 1
+        && w.ne[3] == 1
+        && x.ne[2] == 1
+        && x.ne[3] == 1
+        && w.ne[0] <= c_int::MAX as i64
+        && w.ne[1] <= c_int::MAX as i64
+        && x.ne[1] <= c_int::MAX as i64
+        && sys::ggml_is_contiguous(w)
+        && sys::ggml_is_contiguous(x)
+}
+
+/// The custom op's body: `dst[n, m] = Σ_k w[k, n]·x[k, m]` for this thread's rows of `w`.
+///
+/// # Safety
+/// Called by ggml's CPU backend on a node made by `Graph::mul_mat_blas` (sources checked by
+/// [`supports`], `dst` F32 `[w.ne1, x.ne1]`), once per thread `ith` of `nth`.
+pub(crate) unsafe extern "C" fn gemm_op(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    _userdata: *mut c_void,
+) {
+    let (w, x) = (&*(*dst).src[0], &*(*dst).src[1]);
+    let (k, n, m) = (w.ne[0] as usize, w.ne[1] as usize, x.ne[1] as usize);
+    let per = n.div_ceil(nth.max(1) as usize);
+    let (r0, r1) = (
+        (ith as usize * per).min(n),
+        ((ith as usize + 1) * per).min(n),
+    );
+    if r0 == r1 {
+        return;
+    }
+    let (xs, out) = (x.data as *const f32, (*dst).data as *mut f32);
+    if w.type_ == sys::GGML_TYPE_F32 {
+        sgemm(
+            m,
+            r1 - r0,
+            k,
+            xs,
+            (w.data as *const f32).add(r0 * k),
+            out.add(r0),
+            n,
+        );
+        return;
+    }
+    let Some(to_float) = (*sys::ggml_get_type_traits(w.type_)).to_float else {
+        return; // unreachable: `supports` checked it
+    };
+    let rows = (CHUNK_FLOATS / k).clamp(1, r1 - r0);
+    let mut buf = vec![0f32; rows * k];
+    let mut c0 = r0;
+    while c0 < r1 {
+        let c1 = (c0 + rows).min(r1);
+        for r in c0..c1 {
+            let src = (w.data as *const u8).add(r * w.nb[1]) as *const c_void;
+            to_float(src, buf.as_mut_ptr().add((r - c0) * k), k as i64);
+        }
+        sgemm(m, c1 - c0, k, xs, buf.as_ptr(), out.add(c0), n);
+        c0 = c1;
+    }
+}
+
+/// `c[i, j] = Σ_l a[i, l]·b[j, l]` (row-major; `c`'s rows are `ldc` apart).
+#[cfg(pali_blas)]
+unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // The sizes fit c_int: `supports` checked them.
+    ffi::cblas_sgemm(
+        ffi::ROW_MAJOR,
+        ffi::NO_TRANS,
+        ffi::TRANS,
+        m as c_int,
+        n as c_int,
+        k as c_int,
+        1.0,
+        a,
+        k as c_int,
+        b,
+        k as c_int,
+        0.0,
+        c,
+        ldc as c_int,
+    );
+}
+
+#[cfg(not(pali_blas))]
+unsafe fn sgemm(_: usize, _: usize, _: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize) {
+    unreachable!("library() is None without the blas feature, so no BLAS op is built")
+}
