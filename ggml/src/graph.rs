@@ -425,18 +425,32 @@ impl<'w> Graph<'w> {
             t
         })
     }
-    /// `w·x` on the BLAS library's SGEMM (see [`crate::blas`]): F32 `[w.ne1, x.ne1]`, with
-    /// F32 activations and `w` widened to F32 row by row. `None` where that path does not
-    /// apply: a build without the `blas` feature, `PALI_NO_BLAS` set, weights on a GPU, or
-    /// operands that are not 2-D, contiguous, F32 activations.
-    pub fn mul_mat_blas(&self, w: Tensor<'_>, x: Tensor<'_>) -> Option<Tensor<'_>> {
+    /// `act(w·x + b)` on the BLAS library's SGEMM (see [`crate::blas`]): F32 `[w.ne1, x.ne1]`,
+    /// with F32 activations and `w` widened to F32 row by row; the bias and the activation are
+    /// applied to each block of the product while it is in cache. `None` where that path
+    /// does not apply: a build without the `blas` feature, `PALI_NO_BLAS` set, weights on a
+    /// GPU, or operands that are not 2-D, contiguous, F32 activations (and an F32 `[w.ne1]` bias).
+    pub fn mul_mat_blas(
+        &self,
+        w: Tensor<'_>,
+        x: Tensor<'_>,
+        bias: Option<Tensor<'_>>,
+        act: crate::blas::Activation,
+    ) -> Option<Tensor<'_>> {
         // SAFETY: valid tensors of this graph; the op's sources are exactly those `supports`
-        // checked, and the callback only reads them and writes its F32 result.
+        // and `supports_bias` checked, and the callback only reads them and writes its F32
+        // result; `userdata` carries the activation as a plain number.
         unsafe {
-            if !self.weights.on_cpu || !crate::blas::supports(w.raw, x.raw) {
+            if !self.weights.on_cpu
+                || !crate::blas::supports(w.raw, x.raw)
+                || bias.is_some_and(|b| !crate::blas::supports_bias(w.raw, b.raw))
+            {
                 return None;
             }
-            let mut args = [w.raw, x.raw];
+            let mut args: Vec<_> = [w.raw, x.raw]
+                .into_iter()
+                .chain(bias.map(|b| b.raw))
+                .collect();
             Some(self.wrap(sys::ggml_custom_4d(
                 self.ctx,
                 sys::GGML_TYPE_F32,
@@ -445,10 +459,10 @@ impl<'w> Graph<'w> {
                 1,
                 1,
                 args.as_mut_ptr(),
-                2,
+                args.len() as i32,
                 Some(crate::blas::gemm_op),
                 -1, // GGML_N_TASKS_MAX: every thread of the CPU backend
-                ptr::null_mut(),
+                act as usize as *mut std::ffi::c_void,
             )))
         }
     }
