@@ -506,7 +506,7 @@ fn time_matmul(
     let x = g.input(&[k as i64, m as i64], x.to_vec());
     let y = match kernel {
         "blas" => g
-            .mul_mat_blas(w, x, None, pali_ggml::blas::Activation::None)
+            .mul_mat_blas(w, x)
             .ok_or("the BLAS op does not take this matmul")?,
         _ => g.mul_mat(w, x),
     };

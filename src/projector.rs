@@ -3,7 +3,6 @@
 
 use crate::siglip::VisionConfig;
 use crate::Result;
-use pali_ggml::blas::Activation;
 use pali_ggml::graph::{Graph, Tensor};
 use pali_ggml::schema::vision as names;
 
@@ -20,9 +19,9 @@ pub fn expected_shapes(c: &VisionConfig) -> Vec<(String, Vec<i64>)> {
 /// has it (F32 activations: an F16 projector's error against HF drops from ~2e-4 to the F32
 /// file's ~1e-5), else ggml's matmul as it is.
 pub fn project<'g>(g: &'g Graph, x: Tensor<'g>) -> Result<Tensor<'g>> {
-    let (w, b) = (g.weight(names::PROJ_W)?, g.weight(names::PROJ_B)?);
-    Ok(g.mul_mat_blas(w, x, Some(b), Activation::None)
-        .unwrap_or_else(|| g.add(g.mul_mat(w, x), b)))
+    let w = g.weight(names::PROJ_W)?;
+    let product = g.mul_mat_blas(w, x).unwrap_or_else(|| g.mul_mat(w, x));
+    Ok(g.add(product, g.weight(names::PROJ_B)?))
 }
 
 /// PaliGemma feeds image features to Gemma unscaled, but llama.cpp's gemma2 graph multiplies

@@ -8,14 +8,10 @@
 //! - attention is one fused flash-attention op with F32 K/V and F32 accumulation, so the
 //!   N×N score matrix (4096² × 16 heads at 896 px) is never materialised; on the CPU it is
 //!   also 5–10 % faster than two matmuls around a softmax at 224 px (measured, 3B Q8_0 and
-//!   F16 towers, 2 threads);
-//! - on x86-64 CPUs (the `blas` feature) the float matmuls run on OpenBLAS's SGEMM with F32
-//!   activations, their bias and GELU applied in the same op (`pali_ggml::blas`); elsewhere
-//!   ggml's matmul on weights widened to F32 (see `f32_weight`).
+//!   F16 towers, 2 threads).
 
 use crate::projector;
 use crate::{Error, Result};
-use pali_ggml::blas::Activation;
 use pali_ggml::gguf::GgufFile;
 use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
 use pali_ggml::schema::{keys, vision as names, vision_block};
@@ -367,33 +363,19 @@ fn linear<'g>(
     b: &str,
     precision: VisionPrecision,
 ) -> Result<Tensor<'g>> {
-    linear_act(g, x, (w, b), precision, Activation::None)
+    let product = match precision {
+        VisionPrecision::F16 => g.mul_mat_f32_acc(g.weight(w)?, x),
+        _ => f32_product(g, g.weight(w)?, x),
+    };
+    Ok(g.add(product, g.weight(b)?))
 }
 
-/// `act(W·x + b)`: one fused OpenBLAS op where the build has it (F32 compute on the CPU),
-/// else ggml's matmul, bias add and activation ops.
-fn linear_act<'g>(
-    g: &'g Graph,
-    x: Tensor<'g>,
-    (w, b): (&str, &str),
-    precision: VisionPrecision,
-    act: Activation,
-) -> Result<Tensor<'g>> {
-    let (w, b) = (g.weight(w)?, g.weight(b)?);
-    if precision != VisionPrecision::F16 {
-        if let Some(y) = g.mul_mat_blas(w, x, Some(b), act) {
-            return Ok(y);
-        }
-    }
-    let product = match precision {
-        VisionPrecision::F16 => g.mul_mat_f32_acc(w, x),
-        _ => g.mul_mat(f32_weight(g, w), x),
-    };
-    let y = g.add(product, b);
-    Ok(match act {
-        Activation::None => y,
-        Activation::GeluTanh => gelu_tanh(g, y),
-    })
+/// `w·x` with F32 activations: on the BLAS library's SGEMM where the build has one (the
+/// CPU, `blas` feature; F16/BF16 weights widened there), else ggml's matmul on
+/// [`f32_weight`].
+pub(crate) fn f32_product<'g>(g: &'g Graph, w: Tensor<'g>, x: Tensor<'g>) -> Tensor<'g> {
+    g.mul_mat_blas(w, x)
+        .unwrap_or_else(|| g.mul_mat(f32_weight(g, w), x))
 }
 
 /// ggml's CPU matmul converts the activations to the weight's "vec_dot" type. For F16
@@ -404,7 +386,7 @@ fn linear_act<'g>(
 /// per block of 32 like every matmul of llama.cpp's decoder: int8 dot products run 2.5x
 /// faster than the F32 matmul (BENCHMARKS.md, roofline), and choosing a Q8_0 vision tower
 /// means choosing speed (its cost in accuracy is measured in BENCHMARKS.md).
-fn f32_weight<'g>(g: &'g Graph, w: Tensor<'g>) -> Tensor<'g> {
+pub(crate) fn f32_weight<'g>(g: &'g Graph, w: Tensor<'g>) -> Tensor<'g> {
     match w.ty() {
         GgmlType::F32 | GgmlType::Q8_0 => w,
         _ => g.cast(w, GgmlType::F32),
@@ -477,8 +459,7 @@ fn tower<'g>(
         let attn = attention(g, (q, k, v), scale, precision, fused);
         x = g.add(x, linear(attn, &w(names::O_W), &w(names::O_B))?);
         let h = layer_norm(g, x, &w(names::LN2_W), &w(names::LN2_B), c.eps)?;
-        let fc1 = (w(names::FC1_W), w(names::FC1_B));
-        let h = linear_act(g, h, (&fc1.0, &fc1.1), precision, Activation::GeluTanh)?;
+        let h = gelu_tanh(g, linear(h, &w(names::FC1_W), &w(names::FC1_B))?);
         x = g.add(x, linear(h, &w(names::FC2_W), &w(names::FC2_B))?);
     }
     let out = layer_norm(g, x, names::POST_LN_W, names::POST_LN_B, c.eps)?;

@@ -109,79 +109,17 @@ pub(crate) unsafe fn supports(w: *const sys::ggml_tensor, x: *const sys::ggml_te
         && sys::ggml_is_contiguous(x)
 }
 
-/// Whether `b` can be the bias of [`gemm_op`] for weights `w`: F32 `[w.ne1]`, contiguous.
-///
-/// # Safety
-/// Both pointers are valid ggml tensors.
-pub(crate) unsafe fn supports_bias(w: *const sys::ggml_tensor, b: *const sys::ggml_tensor) -> bool {
-    let b = &*b;
-    b.type_ == sys::GGML_TYPE_F32 && b.ne == [(*w).ne[1], 1, 1, 1] && sys::ggml_is_contiguous(b)
-}
-
-/// What [`gemm_op`] applies to each product after the optional bias (its `userdata`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Activation {
-    /// The product (plus bias) as it is.
-    None = 0,
-    /// SigLIP's tanh-approximated GELU, `0.5·v·(1 + tanh(√(2/π)·(v + 0.044715·v³)))`, in
-    /// the order of ops pali's ggml graph uses for it.
-    GeluTanh = 1,
-}
-
-/// The tanh GELU, op for op as `siglip::gelu_tanh` builds it in ggml (so that a fused and an
-/// unfused tower agree to the rounding of ggml's own vector kernels).
-#[inline]
-fn gelu_tanh(v: f32) -> f32 {
-    let x3 = v * v * v;
-    let inner = v + x3 * 0.044715;
-    let t = (inner * (2.0f32 / std::f32::consts::PI).sqrt()).tanh();
-    v * (t * 0.5 + 0.5)
-}
-
-/// Adds the bias and applies the activation to columns `c0..c1` of the `m × n` row-major
-/// product at `out`, while those columns are still in cache.
-unsafe fn epilogue(
-    out: *mut f32,
-    (m, n): (usize, usize),
-    (c0, c1): (usize, usize),
-    bias: Option<*const f32>,
-    act: Activation,
-) {
-    if bias.is_none() && act == Activation::None {
-        return;
-    }
-    for i in 0..m {
-        let row = std::slice::from_raw_parts_mut(out.add(i * n + c0), c1 - c0);
-        if let Some(b) = bias {
-            let b = std::slice::from_raw_parts(b.add(c0), c1 - c0);
-            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-        }
-        if act == Activation::GeluTanh {
-            row.iter_mut().for_each(|v| *v = gelu_tanh(*v));
-        }
-    }
-}
-
-/// The custom op's body: `dst[n, m] = act(Σ_k w[k, n]·x[k, m] + b[n])` for this thread's
-/// rows of `w` (`b`: the optional third source).
+/// The custom op's body: `dst[n, m] = Σ_k w[k, n]·x[k, m]` for this thread's rows of `w`.
 ///
 /// # Safety
 /// Called by ggml's CPU backend on a node made by `Graph::mul_mat_blas` (sources checked by
-/// [`supports`] and [`supports_bias`], `dst` F32 `[w.ne1, x.ne1]`, `userdata` an
-/// [`Activation`]), once per thread `ith` of `nth`.
+/// [`supports`], `dst` F32 `[w.ne1, x.ne1]`), once per thread `ith` of `nth`.
 pub(crate) unsafe extern "C" fn gemm_op(
     dst: *mut sys::ggml_tensor,
     ith: c_int,
     nth: c_int,
-    userdata: *mut c_void,
+    _userdata: *mut c_void,
 ) {
-    let act = if userdata as usize == Activation::GeluTanh as usize {
-        Activation::GeluTanh
-    } else {
-        Activation::None
-    };
-    let bias = (!(*dst).src[2].is_null()).then(|| (*(*dst).src[2]).data as *const f32);
     let (w, x) = (&*(*dst).src[0], &*(*dst).src[1]);
     let (k, n, m) = (w.ne[0] as usize, w.ne[1] as usize, x.ne[1] as usize);
     let per = n.div_ceil(nth.max(1) as usize);
@@ -203,7 +141,6 @@ pub(crate) unsafe extern "C" fn gemm_op(
             out.add(r0),
             n,
         );
-        epilogue(out, (m, n), (r0, r1), bias, act);
         return;
     }
     let Some(to_float) = (*sys::ggml_get_type_traits(w.type_)).to_float else {
@@ -219,7 +156,6 @@ pub(crate) unsafe extern "C" fn gemm_op(
             to_float(src, buf.as_mut_ptr().add((r - c0) * k), k as i64);
         }
         sgemm(m, c1 - c0, k, xs, buf.as_ptr(), out.add(c0), n);
-        epilogue(out, (m, n), (c0, c1), bias, act);
         c0 = c1;
     }
 }

@@ -425,32 +425,18 @@ impl<'w> Graph<'w> {
             t
         })
     }
-    /// `act(w·x + b)` on the BLAS library's SGEMM (see [`crate::blas`]): F32 `[w.ne1, x.ne1]`,
-    /// with F32 activations and `w` widened to F32 row by row; the bias and the activation are
-    /// applied to each block of the product while it is in cache. `None` where that path
-    /// does not apply: a build without the `blas` feature, `PALI_NO_BLAS` set, weights on a
-    /// GPU, or operands that are not 2-D, contiguous, F32 activations (and an F32 `[w.ne1]` bias).
-    pub fn mul_mat_blas(
-        &self,
-        w: Tensor<'_>,
-        x: Tensor<'_>,
-        bias: Option<Tensor<'_>>,
-        act: crate::blas::Activation,
-    ) -> Option<Tensor<'_>> {
+    /// `w·x` on the BLAS library's SGEMM (see [`crate::blas`]): F32 `[w.ne1, x.ne1]`, with
+    /// F32 activations and `w` widened to F32 row by row. `None` where that path does not
+    /// apply: a build without the `blas` feature, `PALI_NO_BLAS` set, weights on a GPU, or
+    /// operands that are not 2-D, contiguous, F32 activations.
+    pub fn mul_mat_blas(&self, w: Tensor<'_>, x: Tensor<'_>) -> Option<Tensor<'_>> {
         // SAFETY: valid tensors of this graph; the op's sources are exactly those `supports`
-        // and `supports_bias` checked, and the callback only reads them and writes its F32
-        // result; `userdata` carries the activation as a plain number.
+        // checked, and the callback only reads them and writes its F32 result.
         unsafe {
-            if !self.weights.on_cpu
-                || !crate::blas::supports(w.raw, x.raw)
-                || bias.is_some_and(|b| !crate::blas::supports_bias(w.raw, b.raw))
-            {
+            if !self.weights.on_cpu || !crate::blas::supports(w.raw, x.raw) {
                 return None;
             }
-            let mut args: Vec<_> = [w.raw, x.raw]
-                .into_iter()
-                .chain(bias.map(|b| b.raw))
-                .collect();
+            let mut args = [w.raw, x.raw];
             Some(self.wrap(sys::ggml_custom_4d(
                 self.ctx,
                 sys::GGML_TYPE_F32,
@@ -459,10 +445,10 @@ impl<'w> Graph<'w> {
                 1,
                 1,
                 args.as_mut_ptr(),
-                args.len() as i32,
+                2,
                 Some(crate::blas::gemm_op),
                 -1, // GGML_N_TASKS_MAX: every thread of the CPU backend
-                act as usize as *mut std::ffi::c_void,
+                ptr::null_mut(),
             )))
         }
     }
