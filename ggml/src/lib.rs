@@ -8,6 +8,7 @@
 
 pub mod backends;
 pub mod blas;
+mod gelu;
 pub mod gguf;
 pub mod graph;
 pub mod llama;
