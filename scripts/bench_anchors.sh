@@ -10,7 +10,8 @@
 # Every result is one JSON line in $OUT (default target/bench/anchors-SPEC.jsonl);
 # scripts/bench_summary.py turns that file into the BENCHMARKS.md tables.
 #   scripts/bench_anchors.sh [SPEC=3b-224] [ROUNDS=3] [THREADS=2]
-# Skip parts with SKIP="hf cold roofline" (space-separated); PYTHON=… for the HF runs.
+# Skip parts with SKIP="hf cold roofline" (space-separated); PYTHON=… for the HF runs;
+# BEFORE=older/pali adds the default files on an older build to every round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPEC=${1:-3b-224}
@@ -61,6 +62,10 @@ for r in $(seq "$ROUNDS"); do
   # The default files without OpenBLAS (ggml's own matmuls: ARM builds, or the code before
   # the blas feature), same binary, same round.
   PALI_NO_BLAS=1 pali_run "Q4_K_M PALI_NO_BLAS" "$GG/$NAME-Q4_K_M.gguf" "$MM16" --low-mem off
+  # BEFORE=path/to/an/older/pali: the default files on that binary too, same round.
+  if [ -n "${BEFORE:-}" ]; then
+    PALI=$BEFORE pali_run "Q4_K_M before" "$GG/$NAME-Q4_K_M.gguf" "$MM16" --low-mem off
+  fi
 done
 
 if ! skip cold; then
