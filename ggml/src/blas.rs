@@ -163,7 +163,7 @@ pub(crate) unsafe extern "C" fn gemm_op(
 
 /// One weight row to F32. F16 and BF16 rows are converted here with SIMD: ggml's generic
 /// row converter (`ggml_fp16_to_fp32_row`) is scalar and took 0.26 s of a 3B-224 tower's
-/// 1.7 s (perf), the F16C loop about half of that (alternating runs: tower 1.53-1.75 s instead of
+/// 1.7 s (perf), the F16C loop about half of that (alternating runs: tower 1.57-1.75 s instead of
 /// 1.69-1.87 s); the values are the same (every F16/BF16 value is exact in F32).
 ///
 /// # Safety
