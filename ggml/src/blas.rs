@@ -16,7 +16,7 @@
 //! matmuls, which round them to the weight's dot-product type).
 
 use crate::sys;
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
 #[cfg(pali_blas)]
@@ -71,7 +71,7 @@ fn config() -> Option<String> {
     // the calls run on ggml's threads, each on its own rows (see the module doc).
     unsafe {
         ffi::openblas_set_num_threads(1);
-        let s = std::ffi::CStr::from_ptr(ffi::openblas_get_config() as *const c_char);
+        let s = std::ffi::CStr::from_ptr(ffi::openblas_get_config());
         Some(s.to_string_lossy().trim().to_string())
     }
 }
