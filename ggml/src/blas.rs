@@ -11,9 +11,9 @@
 //! 2.12 s instead of 1.66 s), and llama.cpp picks that backend up for its decoder too, where
 //! dequantize-then-SGEMM was slower than its own repacked kernels (prefill 6.9 s, not 4.9 s).
 //!
-//! Weights of any type with a row converter (F16, BF16, Q8_0, …) are widened to F32 a chunk
-//! of rows at a time in a per-thread buffer; activations stay F32 (unlike ggml's quantized
-//! matmuls, which round them to the weight's dot-product type).
+//! F16 and BF16 weights are widened to F32 a chunk of rows at a time in a per-thread buffer;
+//! activations stay F32 (ggml's F16 matmul would round them to F16). Q8_0 weights stay on
+//! ggml's int8 kernels (see [`supports`]).
 
 use crate::sys;
 use std::ffi::{c_int, c_void};
