@@ -374,7 +374,7 @@ fn linear<'g>(
 /// `w·x` with F32 activations: on the BLAS library's SGEMM where the build has one (the
 /// CPU, `blas` feature; F16/BF16 weights widened there), else ggml's matmul on
 /// [`f32_weight`].
-pub(crate) fn f32_product<'g>(g: &'g Graph, w: Tensor<'g>, x: Tensor<'g>) -> Tensor<'g> {
+fn f32_product<'g>(g: &'g Graph, w: Tensor<'g>, x: Tensor<'g>) -> Tensor<'g> {
     g.mul_mat_blas(w, x)
         .unwrap_or_else(|| g.mul_mat(f32_weight(g, w), x))
 }

@@ -81,8 +81,8 @@ fn config() -> Option<String> {
     None
 }
 
-/// Whether [`gemm_op`] can compute `w·x` (`w`: a 2-D contiguous weight of a type with a row
-/// converter; `x`: 2-D contiguous F32, as wide as `w`'s rows).
+/// Whether [`gemm_op`] can compute `w·x` (`w`: a 2-D contiguous F32, F16 or BF16 weight; `x`:
+/// 2-D contiguous F32, as wide as `w`'s rows).
 ///
 /// # Safety
 /// Both pointers are valid ggml tensors.
@@ -147,14 +147,21 @@ pub(crate) unsafe extern "C" fn gemm_op(
         return; // unreachable: `supports` checked it
     };
     let rows = (CHUNK_FLOATS / k).clamp(1, r1 - r0);
-    let mut buf = vec![0f32; rows * k];
+    // Not zero-filled: every row SGEMM reads is written first (a zeroed 4 MiB per op and
+    // thread would be ~1 GB of memset per 3B-224 image).
+    let mut buf: Vec<f32> = Vec::with_capacity(rows * k);
     let mut c0 = r0;
     while c0 < r1 {
         let c1 = (c0 + rows).min(r1);
         for r in c0..c1 {
             let src = (w.data as *const u8).add(r * w.nb[1]) as *const c_void;
-            let row = std::slice::from_raw_parts_mut(buf.as_mut_ptr().add((r - c0) * k), k);
-            widen(w.type_, src, row, to_float);
+            widen(
+                w.type_,
+                src,
+                buf.as_mut_ptr().add((r - c0) * k),
+                k,
+                to_float,
+            );
         }
         sgemm(m, c1 - c0, k, xs, buf.as_ptr(), out.add(c0), n);
         c0 = c1;
@@ -167,43 +174,50 @@ pub(crate) unsafe extern "C" fn gemm_op(
 /// 1.69-1.87 s); the values are the same (every F16/BF16 value is exact in F32).
 ///
 /// # Safety
-/// `src` holds one row of `ty` as long as `row`.
-unsafe fn widen(ty: sys::ggml_type, src: *const c_void, row: &mut [f32], to_float: ToFloat) {
+/// `src` holds `k` values of type `ty`; `dst` has room for `k` F32 (initialized or not).
+unsafe fn widen(
+    ty: sys::ggml_type,
+    src: *const c_void,
+    dst: *mut f32,
+    k: usize,
+    to_float: ToFloat,
+) {
     match ty {
         #[cfg(target_arch = "x86_64")]
         sys::GGML_TYPE_F16 if std::arch::is_x86_feature_detected!("f16c") => {
-            f16_to_f32_f16c(src as *const u16, row)
+            f16_to_f32_f16c(src as *const u16, dst, k)
         }
         sys::GGML_TYPE_BF16 => {
-            let src = std::slice::from_raw_parts(src as *const u16, row.len());
-            for (d, &h) in row.iter_mut().zip(src) {
-                *d = f32::from_bits(u32::from(h) << 16);
+            let src = std::slice::from_raw_parts(src as *const u16, k);
+            for (i, &h) in src.iter().enumerate() {
+                dst.add(i).write(f32::from_bits(u32::from(h) << 16));
             }
         }
-        _ => to_float(src, row.as_mut_ptr(), row.len() as i64),
+        _ => to_float(src, dst, k as i64),
     }
 }
 
 type ToFloat = unsafe extern "C" fn(*const c_void, *mut f32, i64);
 
 /// F16 → F32 with the F16C instruction, 8 values at a time (the tail one by one).
-#[cfg(target_arch = "x86_64")]
 ///
 /// # Safety
-/// `src` holds `dst.len()` F16 values; the CPU has F16C (checked by the caller).
+/// `src` holds `n` F16 values and `dst` has room for `n` F32; the CPU has F16C (checked by
+/// the caller).
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
-unsafe fn f16_to_f32_f16c(src: *const u16, dst: &mut [f32]) {
+unsafe fn f16_to_f32_f16c(src: *const u16, dst: *mut f32, n: usize) {
     use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
     use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
-    let n = dst.len();
     let mut i = 0;
     while i + 8 <= n {
         let h = _mm_loadu_si128(src.add(i) as *const __m128i);
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(h));
         i += 8;
     }
-    for (j, d) in dst.iter_mut().enumerate().skip(i) {
-        *d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*src.add(j)))));
+    for j in i..n {
+        let h = _mm_cvtsi32_si128(i32::from(*src.add(j)));
+        dst.add(j).write(_mm_cvtss_f32(_mm_cvtph_ps(h)));
     }
 }
 
