@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let paths = match (args.get(1), args.get(2)) {
         (Some(m), Some(p)) => ModelPaths::new(m, p),
-        _ => pali::default_model_paths(root).ok_or("no bundled model in models/demo")?,
+        _ => ModelPaths::demo(root)?,
     };
 
     // Load once…

@@ -293,7 +293,7 @@ pub fn answer(data: &[u8]) {
 pub fn npz(data: &[u8]) {
     let npz = scratch("vae.npz", &edit(base(DEMO_NPZ), data));
     let out = scratch("vae-out.gguf", b"");
-    let _ = pali::convert_vae(&npz, &out, true);
+    let _ = pali_convert::convert_vae(&npz, &out, true);
 }
 
 /// A `/v1/chat/completions` body (JSON with a data URL image).

@@ -5,7 +5,8 @@ use crate::preprocess::RgbImage;
 use crate::prompt::DetectionBox;
 use crate::vae::Mask;
 use crate::{Error, Result};
-use std::path::{Path, PathBuf};
+use pali_ggml::atomic_file::AtomicFile;
+use std::path::Path;
 
 /// Box colours, assigned to labels in order of first appearance (then reused cyclically):
 /// saturated, mutually distinct, readable with white or black text.
@@ -302,13 +303,6 @@ const FONT: [[u8; 5]; 95] = [
     [0x08, 0x04, 0x08, 0x10, 0x08], // ~
 ];
 
-/// `path` with `.partial` appended to its file name.
-fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
-}
-
 /// Writes `image` as PNG to `path` atomically: to `path.partial` first (fsynced), then renamed,
 /// so an error never leaves a half-written file at `path` (an existing file is replaced).
 /// Errors name the path.
@@ -346,7 +340,8 @@ pub fn save_mask_png(masks: &[&Mask], width: u32, height: u32, path: &Path) -> R
     write_png(&data, width, height, image::ExtendedColorType::L8, path)
 }
 
-/// PNG to `path.partial` (fsynced), then renamed to `path`; errors name `path`.
+/// PNG through [`AtomicFile::write_with`]: `path.partial` (fsynced), then renamed to `path`;
+/// errors name `path`.
 fn write_png(
     data: &[u8],
     width: u32,
@@ -355,26 +350,12 @@ fn write_png(
     path: &Path,
 ) -> Result<()> {
     use image::ImageEncoder;
-    let err =
-        |e: &dyn std::fmt::Display| Error::Io(format!("{}: cannot write: {e}", path.display()));
-    if path.file_name().is_none() || path.is_dir() {
-        return Err(err(&"not a file path"));
-    }
-    let tmp = partial_path(path);
-    let write = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let file = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(file);
-        image::codecs::png::PngEncoder::new(&mut w).write_image(data, width, height, color)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(&e)
+    AtomicFile::write_with(path, |w| {
+        image::codecs::png::PngEncoder::new(w)
+            .write_image(data, width, height, color)
+            .map_err(std::io::Error::other)
     })
+    .map_err(|e| Error::Io(e.to_string()))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod draw;
 pub mod eval;
@@ -35,7 +36,7 @@ pub use prompt::{
 };
 pub use session::{CancelFlag, FinishReason, Sampling, SlidingWindow};
 pub use task::{ImageSize, Located, LocatedObject, ObjectMask, TextAnswer};
-pub use vae::{convert_vae, Mask, MaskDecoder};
+pub use vae::{Mask, MaskDecoder};
 
 use preprocess::{PreprocessConfig, RgbImage};
 use session::{DecodeOptions, Decoder, DecoderOptions, PrefixBatch};
@@ -103,6 +104,63 @@ impl ModelPaths {
     pub fn with_mask_decoder(mut self, path: impl Into<PathBuf>) -> Self {
         self.mask_decoder = Some(path.into());
         self
+    }
+
+    /// A decoder and the vision file beside it: the one `mmproj-*.gguf` in the decoder's
+    /// folder (an error names the folder when there is none, or several).
+    pub fn beside(decoder: impl Into<PathBuf>) -> Result<Self> {
+        let decoder = decoder.into();
+        let dir = decoder
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mmproj = one_gguf(dir, "mmproj-*.gguf next to the model", |f| {
+            f.starts_with("mmproj-")
+        })?;
+        Ok(ModelPaths::new(decoder, mmproj))
+    }
+
+    /// The bundled demo model under `root` (`models/demo`): its one decoder, the one mmproj
+    /// beside it (the rule of [`ModelPaths::beside`]) and its mask decoder
+    /// (`vae-pali-demo.gguf`) when present.
+    pub fn demo(root: &Path) -> Result<Self> {
+        let dir = root.join("models/demo");
+        let decoder = one_gguf(&dir, "decoder GGUF in the bundled model's folder", |f| {
+            !f.starts_with("mmproj-") && !f.starts_with("vae-")
+        })?;
+        let paths = ModelPaths::beside(decoder)?;
+        let vae = dir.join("vae-pali-demo.gguf");
+        Ok(if vae.is_file() {
+            paths.with_mask_decoder(vae)
+        } else {
+            paths
+        })
+    }
+}
+
+/// The one `.gguf` file in `dir` whose name `wanted` accepts; `what` names it in errors
+/// ("no …" / "several …" in the folder: pass the file explicitly).
+fn one_gguf(dir: &Path, what: &str, wanted: impl Fn(&str) -> bool) -> Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .map(|f| f.to_string_lossy())
+                .is_some_and(|f| f.ends_with(".gguf") && wanted(&f))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::Io(format!(
+            "no {what} in {}: pass --mmproj",
+            dir.display()
+        ))),
+        _ => Err(Error::Io(format!(
+            "several {what} in {}: pass --mmproj",
+            dir.display()
+        ))),
     }
 }
 
@@ -713,32 +771,4 @@ pub fn peak_rss_mb() -> Option<f64> {
         &std::fs::read_to_string("/proc/self/status").ok()?,
         "VmHWM:",
     )
-}
-
-/// Default model files when no `-m` is given: the bundled model next to the executable's
-/// source tree (`models/`), if present.
-pub fn default_model_paths(root: &Path) -> Option<ModelPaths> {
-    let dir = root.join("models/demo");
-    let find = |prefix: bool| -> Option<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
-            .filter(|p| {
-                p.file_name().is_some_and(|f| {
-                    let f = f.to_string_lossy();
-                    !f.starts_with("vae-") && f.starts_with("mmproj-") == prefix
-                })
-            })
-            .collect();
-        v.sort();
-        v.into_iter().next()
-    };
-    Some(ModelPaths::new(find(false)?, find(true)?))
-}
-
-/// The bundled demo model's mask decoder (`models/demo/vae-pali-demo.gguf` under `root`),
-/// which `pali segment` uses with the demo model when no `--vae` is given.
-pub fn default_vae_path(root: &Path) -> Option<PathBuf> {
-    Some(root.join("models/demo/vae-pali-demo.gguf")).filter(|p| p.is_file())
 }

@@ -88,9 +88,7 @@ pub enum FinishReason {
 /// Rows of the decoder's token embedding table, read straight from the mapped GGUF
 /// (dequantized on demand) so the prompt can join the image in one embedding batch.
 struct TokenEmbeddings {
-    // Unregistered before the mapping goes (field order).
-    _watch: pali_ggml::mapped::Watched,
-    map: memmap2::Mmap,
+    map: pali_ggml::mapped::MappedFile,
     offset: usize,
     ty: GgmlType,
     width: usize,
@@ -110,11 +108,8 @@ impl TokenEmbeddings {
                     names::TOKEN_EMBD
                 ))
             })?;
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-        // SAFETY: read-only mapping of a model file we do not modify.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        let map =
+            pali_ggml::mapped::MappedFile::open(path).map_err(|e| Error::Io(e.to_string()))?;
         let offset = (f.data_offset() + t.offset) as usize;
         if offset as u64 + t.size > map.len() as u64 || t.ne.len() != 2 {
             return Err(Error::Model(format!(
@@ -124,7 +119,6 @@ impl TokenEmbeddings {
             )));
         }
         Ok(TokenEmbeddings {
-            _watch: pali_ggml::mapped::watch(map.as_ptr(), map.len(), path),
             map,
             offset,
             ty: t.ty,

@@ -2,8 +2,8 @@
 //! the placement of its 64×64 map into the original image, both as big_vision's evaluator
 //! does them (`big_vision/evaluators/proj/paligemma/transfers/segmentation.py`, spec §7.2).
 //!
-//! - [`convert_vae`] turns `vae-oid.npz` into a small F32 GGUF (`paligemma-vae`; names and
-//!   layouts in [`pali_ggml::schema::vae`]).
+//! - `pali convert-vae` (`pali_convert::vae`) turns `vae-oid.npz` into the small F32 GGUF
+//!   this module loads (`paligemma-vae`; names and layouts in [`pali_ggml::schema::vae`]).
 //! - [`MaskDecoder::decode`] maps the 16 `<segNNN>` codes of an object to a 64×64 map of
 //!   logits (≈ −1 … 1; inside where > 0): codebook lookup → 1×1 conv D→128 + ReLU → two
 //!   residual blocks (3×3, ReLU, 3×3, ReLU, 1×1, + input) → four transposed convs (kernel 4,
@@ -20,252 +20,15 @@
 
 use crate::prompt::{SegmentObject, SEG_TOKENS};
 use crate::{Error, Result};
-use pali_ggml::gguf::{GgufFile, GgufWriter, Value};
+use pali_ggml::gguf::GgufFile;
 use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
 use pali_ggml::schema::{keys, vae as names};
 use pali_ggml::GgmlType;
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Side of the decoded map: 64 (a 64×64 map per object).
 pub const MAP_SIZE: usize = names::MAP;
-
-// ---------------------------------------------------------------------------
-// .npz reading
-
-/// One `.npy` array: little-endian float32 data in C order.
-struct NpyArray {
-    shape: Vec<usize>,
-    /// Raw little-endian bytes, `4 · Π shape` of them.
-    data: Vec<u8>,
-}
-
-/// Largest `.npy` entry read (the real decoder's biggest array is 0.6 MB).
-const MAX_ARRAY_BYTES: u64 = 1 << 30;
-
-/// Reads the named arrays (without `.npy`) from an `.npz` file. Errors name the file and the
-/// array: not a zip archive, a missing array, a dtype other than little-endian float32,
-/// Fortran order, a bad or truncated header or body.
-fn read_npz(path: &Path, wanted: &[&str]) -> Result<BTreeMap<String, NpyArray>> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::Io(format!("{}: cannot open: {e}", path.display())))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
-        Error::Model(format!(
-            "{} is not an .npz file (not a readable zip archive: {e})",
-            path.display()
-        ))
-    })?;
-    let mut out = BTreeMap::new();
-    for &name in wanted {
-        let bad = |why: String| Error::Model(format!("{}: array {name}: {why}", path.display()));
-        let mut entry = match zip.by_name(&format!("{name}.npy")) {
-            Ok(e) => e,
-            Err(zip::result::ZipError::FileNotFound) => {
-                return Err(Error::Model(format!(
-                    "{}: array {name} is missing (is this big_vision's vae-oid.npz?)",
-                    path.display()
-                )))
-            }
-            Err(e) => return Err(bad(format!("cannot read: {e}"))),
-        };
-        if entry.size() > MAX_ARRAY_BYTES {
-            return Err(bad(format!("{} bytes is too large", entry.size())));
-        }
-        // The declared size may lie: reserve at most 64 MiB up front, and never read more
-        // than it says.
-        let declared = entry.size();
-        let mut bytes = Vec::with_capacity(declared.min(64 << 20) as usize);
-        (&mut entry)
-            .take(declared)
-            .read_to_end(&mut bytes)
-            .map_err(|e| bad(format!("cannot read: {e}")))?;
-        out.insert(name.to_string(), parse_npy(&bytes).map_err(bad)?);
-    }
-    Ok(out)
-}
-
-/// Parses a `.npy` file (format versions 1–3) holding `<f4` data in C order.
-fn parse_npy(b: &[u8]) -> std::result::Result<NpyArray, String> {
-    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
-        return Err("not a .npy array (bad magic)".into());
-    }
-    let (header_len, start) = match b[6] {
-        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
-        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
-        v => return Err(format!(".npy format version {v} is not supported")),
-    };
-    let header = b
-        .get(start..start + header_len)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or("truncated or non-text .npy header")?;
-    let descr = header_value(header, "descr").ok_or("no 'descr' in the .npy header")?;
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
-    if descr != "<f4" {
-        return Err(format!(
-            "dtype '{descr}' is not supported: only little-endian float32 ('<f4')"
-        ));
-    }
-    match header_value(header, "fortran_order") {
-        Some("False") => {}
-        Some("True") => return Err("Fortran-order arrays are not supported (C order only)".into()),
-        _ => return Err("no valid 'fortran_order' in the .npy header".into()),
-    }
-    let shape_s = header_value(header, "shape").ok_or("no 'shape' in the .npy header")?;
-    let shape = shape_s
-        .trim_start_matches('(')
-        .trim_end_matches(')')
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| format!("bad shape {shape_s} in the .npy header"))?;
-    let n = shape
-        .iter()
-        .try_fold(4usize, |a, &d| a.checked_mul(d))
-        .ok_or("shape too large")?;
-    let data = &b[start + header_len..];
-    if data.len() != n {
-        return Err(format!(
-            "{} data bytes for shape {shape:?} (float32 needs {n}): truncated or corrupt",
-            data.len()
-        ));
-    }
-    Ok(NpyArray {
-        shape,
-        data: data.to_vec(),
-    })
-}
-
-/// The raw text of `key`'s value in a `.npy` header (a Python dict literal): a quoted string,
-/// `True`/`False`, or a parenthesised tuple.
-fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let i = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
-    let rest = header[i + key.len() + 2..].trim_start().strip_prefix(':')?;
-    let rest = rest.trim_start();
-    let end = match rest.chars().next()? {
-        '(' => rest.find(')')? + 1,
-        q @ ('\'' | '"') => rest[1..].find(q)? + 2,
-        _ => rest.find([',', '}']).unwrap_or(rest.len()),
-    };
-    Some(rest[..end].trim())
-}
-
-// ---------------------------------------------------------------------------
-// Conversion
-
-/// `path` with `.partial` appended to its file name.
-fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
-}
-
-/// Removes the partial file unless disarmed (error or panic on the way).
-struct PartialGuard(PathBuf, bool);
-
-impl Drop for PartialGuard {
-    fn drop(&mut self) {
-        if !self.1 {
-            let _ = std::fs::remove_file(&self.0);
-        }
-        if let Ok(mut l) = pali_convert::PARTIAL_FILES.lock() {
-            l.retain(|p| p != &self.0);
-        }
-    }
-}
-
-/// Converts big_vision's `vae-oid.npz` (the VQ-VAE in PyTorch naming and layouts) into a
-/// mask decoder GGUF at `out` (architecture `paligemma-vae`, F32 tensors; the encoder's
-/// arrays are left out). Writes `out.partial`, fsyncs and renames it, so an error leaves no
-/// file at `out`; an existing `out` is replaced only with `force`. The codebook width D is
-/// read from the file. Returns the number of tensors written.
-///
-/// Errors name the file and the array: not an `.npz`, a missing array, an unsupported dtype
-/// (only little-endian float32, C order), a wrong shape.
-pub fn convert_vae(npz: &Path, out: &Path, force: bool) -> Result<usize> {
-    if out.is_dir() || out.file_name().is_none() {
-        return Err(Error::Io(format!("{}: not a file path", out.display())));
-    }
-    if out.exists() && !force {
-        return Err(Error::Io(format!(
-            "{} exists: pass --force to overwrite it",
-            out.display()
-        )));
-    }
-    let cb = read_npz(npz, &[names::NPZ_CODEBOOK])?;
-    let d = match cb[names::NPZ_CODEBOOK].shape.as_slice() {
-        &[n, d] if n == names::NUM_CODES && d > 0 => d,
-        s => {
-            return Err(Error::Model(format!(
-                "{}: array {} has shape {s:?}, expected [{}, D]",
-                npz.display(),
-                names::NPZ_CODEBOOK,
-                names::NUM_CODES
-            )))
-        }
-    };
-    let specs = names::tensors(d);
-    let wanted: Vec<&str> = specs.iter().map(|(n, _, _)| n.as_str()).collect();
-    let arrays = read_npz(npz, &wanted)?;
-    for (npz_name, _, shape) in &specs {
-        let got = &arrays[npz_name].shape;
-        if got != shape {
-            return Err(Error::Model(format!(
-                "{}: array {npz_name} has shape {got:?}, expected {shape:?} (codebook width D = {d})",
-                npz.display()
-            )));
-        }
-    }
-
-    let mut w = GgufWriter::new(specs.len());
-    let name = npz
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "vae".into());
-    for (k, v) in [
-        (keys::ARCHITECTURE, Value::Str(names::ARCH.into())),
-        (keys::NAME, Value::Str(name)),
-        (names::CODEBOOK_SIZE, Value::U32(names::NUM_CODES as u32)),
-        (names::CODEBOOK_DIM, Value::U32(d as u32)),
-        (names::MAP_SIZE, Value::U32(names::MAP as u32)),
-        (keys::FILE_TYPE, Value::U32(0)), // LLAMA_FTYPE_ALL_F32
-    ] {
-        w.set(k, v)?;
-    }
-    for (_, gguf, shape) in &specs {
-        let ne: Vec<i64> = shape.iter().rev().map(|&s| s as i64).collect();
-        w.add_tensor(gguf, GgmlType::F32, &ne)?;
-    }
-
-    let tmp = partial_path(out);
-    if let Ok(mut l) = pali_convert::PARTIAL_FILES.lock() {
-        l.push(tmp.clone());
-    }
-    let mut guard = PartialGuard(tmp.clone(), false);
-    let io = |e: std::io::Error| Error::Io(format!("{}: cannot write: {e}", tmp.display()));
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut bw = std::io::BufWriter::new(file);
-    w.write(&mut bw, |i, _, dst| {
-        dst.write_all(&arrays[&specs[i].0].data)
-            .map_err(|e| pali_ggml::Error::Io(format!("{}: {e}", tmp.display())))
-    })?;
-    let file = bw.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, out)
-        .map_err(|e| Error::Io(format!("{}: cannot write: {e}", out.display())))?;
-    guard.1 = true;
-    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(specs.len())
-}
 
 // ---------------------------------------------------------------------------
 // The decoder graph
@@ -646,50 +409,6 @@ pub fn resize_bilinear_f32(src: &[f32], in_w: u32, in_h: u32, out_w: u32, out_h:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn npy(descr: &str, fortran: bool, shape: &str, data: &[f32]) -> Vec<u8> {
-        let mut header = format!(
-            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-            if fortran { "True" } else { "False" }
-        );
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend((header.len() as u16).to_le_bytes());
-        b.extend(header.as_bytes());
-        b.extend(data.iter().flat_map(|v| v.to_le_bytes()));
-        b
-    }
-
-    #[test]
-    fn npy_headers_parse_and_bad_ones_are_named() {
-        let a = parse_npy(&npy("<f4", false, "(2, 3)", &[0.0; 6])).unwrap();
-        assert_eq!(a.shape, [2, 3]);
-        assert_eq!(a.data.len(), 24);
-        assert_eq!(
-            parse_npy(&npy("<f4", false, "(5,)", &[1.0; 5]))
-                .unwrap()
-                .shape,
-            [5]
-        );
-        assert_eq!(
-            parse_npy(&npy("<f4", false, "()", &[1.0])).unwrap().shape,
-            Vec::<usize>::new()
-        );
-        let err = |b: Vec<u8>| parse_npy(&b).err().unwrap();
-        assert!(err(npy("<f8", false, "(3,)", &[0.0; 6])).contains("'<f8'"));
-        assert!(err(npy(">f4", false, "(3,)", &[0.0; 3])).contains("little-endian"));
-        assert!(err(npy("<f4", true, "(3,)", &[0.0; 3])).contains("Fortran"));
-        assert!(err(npy("<f4", false, "(4,)", &[0.0; 3])).contains("truncated"));
-        assert!(err(npy("<f4", false, "(x,)", &[0.0; 3])).contains("bad shape"));
-        assert!(err(b"PK\x03\x04 not npy".to_vec()).contains("magic"));
-        let mut v9 = npy("<f4", false, "(1,)", &[0.0]);
-        v9[6] = 9;
-        assert!(err(v9).contains("version 9"));
-        assert!(err(b"\x93NUMPY\x01\x00\xff\x00{'desc".to_vec()).contains("truncated"));
-    }
 
     #[test]
     fn rle_is_coco_column_major_and_round_trips() {

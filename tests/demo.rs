@@ -43,7 +43,7 @@ fn bundled_gguf_equals_fresh_conversion() {
 fn bundled_vae_equals_fresh_conversion() {
     let demo = root().join("models/demo");
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("demo-vae-fresh.gguf");
-    pali::convert_vae(&demo.join("vae-shapes.npz"), &out, true).unwrap();
+    pali_convert::convert_vae(&demo.join("vae-shapes.npz"), &out, true).unwrap();
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(demo.join("vae-pali-demo.gguf")).unwrap(),
         "models/demo/vae-pali-demo.gguf differs from `pali convert-vae` output: regenerate it"

@@ -38,7 +38,7 @@ fn pali(args: &[&str]) -> std::process::Output {
 /// then parsed on a non-square image.
 #[test]
 fn crafted_tokens_give_pixel_boxes_on_a_non_square_image() {
-    let paths = pali::default_model_paths(&root()).expect("bundled model in models/demo");
+    let paths = pali::ModelPaths::demo(&root()).expect("bundled model in models/demo");
     let dec = Decoder::load(
         &paths.decoder,
         &DecoderOptions {
@@ -227,7 +227,7 @@ fn cli_detect_and_segment_with_the_bundled_model() {
 
     // With explicit model files there is no mask decoder unless --vae names one; with the
     // bundled model, its own (models/demo/vae-pali-demo.gguf) is used.
-    let paths = pali::default_model_paths(&root()).expect("bundled model in models/demo");
+    let paths = pali::ModelPaths::demo(&root()).expect("bundled model in models/demo");
     let (m, mm) = (
         paths.decoder.display().to_string(),
         paths.mmproj.display().to_string(),

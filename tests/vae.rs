@@ -4,8 +4,9 @@
 //! does): decoder outputs, exact mask placement on non-square images, `convert-vae` errors,
 //! and `pali segment --vae` end to end with the bundled model.
 
+use pali::parse_segments;
 use pali::vae::{mask_box, place_mask, resize_bilinear_f32, Mask, MaskDecoder, MAP_SIZE};
-use pali::{convert_vae, parse_segments};
+use pali_convert::convert_vae;
 use pali_convert::safetensors::Checkpoint;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -391,7 +392,7 @@ fn convert_errors_name_the_problem_and_leave_no_file() {
 
 #[test]
 fn loading_something_else_is_a_clear_error() {
-    let paths = pali::default_model_paths(&root()).expect("bundled model in models/demo");
+    let paths = pali::ModelPaths::demo(&root()).expect("bundled model in models/demo");
     let e = MaskDecoder::load(&paths.mmproj, 1)
         .err()
         .unwrap()
@@ -505,7 +506,7 @@ fn cli_convert_vae_and_segment_with_masks() {
 
     // --mask-out needs a mask decoder: --vae, or the bundled model's own (not used with
     // explicit model files); a bad --vae fails before the model runs.
-    let paths = pali::default_model_paths(&root()).expect("bundled model in models/demo");
+    let paths = pali::ModelPaths::demo(&root()).expect("bundled model in models/demo");
     let out = pali(&[
         "segment",
         &wide,

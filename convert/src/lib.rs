@@ -7,12 +7,19 @@
 //! or Ctrl-C never leaves a file at a target path.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod config;
+mod npz;
 pub mod safetensors;
+pub mod vae;
 pub mod vocab;
 
+pub use pali_ggml::atomic_file::remove_partial_files;
+pub use vae::convert_vae;
+
 use config::{PaliGemmaConfig, PreprocessorConfig};
+use pali_ggml::atomic_file::AtomicFile;
 use pali_ggml::gguf::{GgufWriter, Value};
 use pali_ggml::quant::{self, FileType};
 use pali_ggml::schema::{self, keys, Fixup, NameMapEntry};
@@ -20,7 +27,6 @@ use pali_ggml::GgmlType;
 use safetensors::{Checkpoint, TensorEntry};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use vocab::Vocab;
 
 /// Converter errors; each names the file, tensor or key concerned.
@@ -53,6 +59,10 @@ pub enum ConvertError {
     /// Interrupted by the user.
     #[error("interrupted")]
     Interrupted,
+    /// `convert-vae`: the .npz or the output is unusable (the message names the file and the
+    /// array).
+    #[error("{0}")]
+    Vae(String),
 }
 
 impl ConvertError {
@@ -95,63 +105,12 @@ pub struct ConvertOutput {
 /// Progress reports: `(bytes done, bytes total, phase)`.
 pub type ProgressFn<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
-/// `*.partial` files being written now; the CLI's Ctrl-C handler removes them.
-pub static PARTIAL_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-/// Removes every registered partial file (for signal handlers).
-pub fn remove_partial_files() {
-    if let Ok(list) = PARTIAL_FILES.lock() {
-        for p in list.iter() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-/// A file written under a `.partial` name and renamed into place on `commit`.
-struct AtomicFile {
-    tmp: PathBuf,
-    target: PathBuf,
-    done: bool,
-}
-
-impl AtomicFile {
-    fn new(target: &Path, suffix: &str) -> Self {
-        let mut tmp = target.as_os_str().to_owned();
-        tmp.push(suffix);
-        let tmp = PathBuf::from(tmp);
-        if let Ok(mut l) = PARTIAL_FILES.lock() {
-            l.push(tmp.clone());
-        }
-        AtomicFile {
-            tmp,
-            target: target.to_path_buf(),
-            done: false,
-        }
-    }
-
-    fn commit(mut self) -> Result<()> {
-        let f = std::fs::File::open(&self.tmp).map_err(|e| ConvertError::io(&self.tmp, e))?;
-        f.sync_all().map_err(|e| ConvertError::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| ConvertError::io(&self.target, e))?;
-        if let Some(dir) = self.target.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-        if let Ok(mut l) = PARTIAL_FILES.lock() {
-            l.retain(|p| p != &self.tmp);
-        }
-    }
+/// Renames a finished output into place; its I/O errors stay converter I/O errors.
+fn commit(file: AtomicFile) -> Result<()> {
+    file.commit().map_err(|e| match e {
+        pali_ggml::Error::Io(m) => ConvertError::Io(m),
+        e => ConvertError::Ggml(e),
+    })
 }
 
 /// Readies the output folder: one conversion into it at a time (an exclusive lock on the
@@ -610,7 +569,7 @@ fn write_gguf(
     phase: &str,
 ) -> Result<AtomicFile> {
     let file = AtomicFile::new(path, suffix);
-    let f = std::fs::File::create(&file.tmp).map_err(|e| ConvertError::io(&file.tmp, e))?;
+    let f = std::fs::File::create(file.path()).map_err(|e| ConvertError::io(file.path(), e))?;
     let mut w = TrackedWriter {
         inner: BufWriter::with_capacity(1 << 20, f),
         failed: None,
@@ -900,16 +859,22 @@ pub fn convert(opts: &ConvertOptions, progress: ProgressFn) -> Result<ConvertOut
     if quantized {
         progress(done, total, "quantizing");
         let q = AtomicFile::new(&decoder_path, ".partial");
-        quant::quantize_model_file(&df.tmp, &q.tmp, opts.text_type, opts.threads, CHUNK_BYTES)?;
+        quant::quantize_model_file(
+            df.path(),
+            q.path(),
+            opts.text_type,
+            opts.threads,
+            CHUNK_BYTES,
+        )?;
         drop(df);
         if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(ConvertError::Interrupted);
         }
-        q.commit()?;
+        commit(q)?;
     } else {
-        df.commit()?;
+        commit(df)?;
     }
-    mm.commit()?;
+    commit(mm)?;
     Ok(ConvertOutput {
         decoder: decoder_path,
         mmproj: mmproj_path,

@@ -3,9 +3,8 @@
 //! file and the tensor instead of a panic or garbage.
 
 use crate::{ConvertError, Result};
-use memmap2::Mmap;
+use pali_ggml::mapped::MappedFile;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Element type of a checkpoint tensor.
@@ -68,9 +67,7 @@ impl TensorEntry {
 
 struct Shard {
     path: PathBuf,
-    // Unregistered before the mapping goes (field order).
-    _watch: pali_ggml::mapped::Watched,
-    map: Mmap,
+    map: MappedFile,
     data_start: usize,
 }
 
@@ -165,10 +162,10 @@ impl Checkpoint {
         let mut shards = Vec::new();
         let mut tensors = BTreeMap::new();
         for (fi, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|e| ConvertError::io(path, e))?;
-            // SAFETY: the file is opened read-only; we never hand out references that outlive
-            // the map, and a concurrent truncation is the user's doing (as with any mmap reader).
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| ConvertError::io(path, e))?;
+            let map = MappedFile::open(path).map_err(|e| match e {
+                pali_ggml::Error::Io(m) => ConvertError::Io(m),
+                e => ConvertError::Ggml(e),
+            })?;
             let (data_start, entries) = parse_header(path, &map)?;
             for (name, mut e) in entries {
                 e.file = fi;
@@ -181,7 +178,6 @@ impl Checkpoint {
             }
             shards.push(Shard {
                 path: path.clone(),
-                _watch: pali_ggml::mapped::watch(map.as_ptr(), map.len(), path),
                 map,
                 data_start,
             });
@@ -214,17 +210,8 @@ impl Checkpoint {
     /// the converter's resident memory at one chunk whatever the model size).
     pub fn release_range(&self, e: &TensorEntry, start: usize, end: usize) {
         let s = &self.shards[e.file];
-        let page = 4096;
-        let from = (s.data_start + e.start + start) / page * page;
-        let to = s.data_start + e.start + end;
-        // SAFETY: the mapping is private and read-only, so dropping its pages only means they
-        // are read from the file again if touched; no reference into the range is live here.
-        #[cfg(unix)]
-        unsafe {
-            let _ =
-                s.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from);
-        }
+        let base = s.data_start + e.start;
+        s.map.release(base + start, base + end);
     }
 
     /// Total bytes of tensor data.

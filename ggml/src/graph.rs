@@ -149,9 +149,7 @@ const TENSOR_ALIGNMENT: u64 = 32;
 /// The tensors of a GGUF file, readable by graphs on one backend.
 pub struct Weights {
     file: GgufFile,
-    // Unregistered before the mapping goes (field order).
-    _watch: crate::mapped::Watched,
-    _map: memmap2::Mmap,
+    _map: crate::mapped::MappedFile,
     buffer: sys::ggml_backend_buffer_t,
     on_cpu: bool,
 }
@@ -171,9 +169,7 @@ impl Weights {
     /// the page cache; other backends get one upload.
     pub fn load(path: &Path, backend: &Backend) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only mapping of a file we do not modify.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        let map = crate::mapped::MappedFile::open(path)?;
         let data = file.data_offset() as usize;
         let infos = file.tensors();
         // ggml aborts on a host buffer or tensor that is not 32-byte aligned (a file with a
@@ -244,7 +240,6 @@ impl Weights {
         };
         Ok(Weights {
             file,
-            _watch: crate::mapped::watch(map.as_ptr(), map.len(), path),
             _map: map,
             buffer,
             on_cpu: backend.is_cpu,

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod atomic_file;
 pub mod backends;
 pub mod blas;
 mod gelu;

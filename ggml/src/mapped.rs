@@ -7,7 +7,8 @@
 //! `SIGBUS`, which kills the process without a word. Replacing a file by renaming
 //! (`mv`, what `pali convert` does) is harmless: the old inode stays mapped.
 //!
-//! Mappings are registered here ([`watch`]); a program that calls [`install_sigbus_report`]
+//! [`MappedFile`] is the one way pali maps a file; its mappings, and llama.cpp's, are
+//! registered here ([`watch`]); a program that calls [`install_sigbus_report`]
 //! (the pali binary does) then gets, for a fault inside one of them, one line on stderr
 //! naming the file and exit status 74 (`EX_IOERR`). A fault anywhere else keeps the default
 //! action. The process cannot go on after such a fault: the data it was reading is gone.
@@ -108,6 +109,64 @@ pub fn watch_file_mappings(path: &std::path::Path) -> Vec<Watched> {
             Some(watch(a as *const u8, b.checked_sub(a)?, path))
         })
         .collect()
+}
+
+/// A whole file mapped read-only and registered for the fault report: the only memory map
+/// in pali (its tower and mask weights, the decoder's token embeddings, the converter's
+/// checkpoints).
+pub struct MappedFile {
+    // Unregistered before the mapping goes (field order).
+    _watch: Watched,
+    map: memmap2::Mmap,
+}
+
+impl MappedFile {
+    /// Maps `path`; errors name it.
+    pub fn open(path: &std::path::Path) -> crate::Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+        // SAFETY: a read-only, private mapping of a file pali never writes. Another process
+        // truncating it makes reads fault (SIGBUS), which the report above names; nothing
+        // else can change the bytes under a shared reference.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
+        Ok(MappedFile {
+            _watch: watch(map.as_ptr(), map.len(), path),
+            map,
+        })
+    }
+
+    /// The file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Tells the kernel that the pages holding `bytes()[start..end]` may be dropped: they
+    /// are read from the file again if touched (keeps a streaming reader's resident memory
+    /// at what it is working on). Ranges outside the file are clamped.
+    pub fn release(&self, start: usize, end: usize) {
+        const PAGE: usize = 4096;
+        let end = end.min(self.map.len());
+        let from = start / PAGE * PAGE;
+        if from >= end {
+            return;
+        }
+        // SAFETY: the mapping is private and read-only, so dropping its pages only means they
+        // are read from the file again; the range lies inside the mapping.
+        #[cfg(unix)]
+        unsafe {
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                from,
+                end - from,
+            );
+        }
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
 }
 
 #[cfg(unix)]

@@ -1,10 +1,28 @@
 //! `POST /v1/chat/completions` in OpenAI's shapes: the request (one user message holding the
-//! PaliGemma prompt and one image) and the response, whole or as SSE chunks.
+//! PaliGemma prompt and one image) and the response, whole or as SSE chunks; then the
+//! handler that runs it (through the admission queue) and streams its answer.
 
-use crate::engine::{Completion, Sampling, Usage};
+use crate::admit::{self, client_gone};
+use crate::engine::{Completion, CompletionRequest, Engine, RequestOptions, Usage};
 use crate::error::ApiError;
+use crate::input::body_or_error;
+use crate::state::{unix_now, Shared};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde::Deserialize;
+use std::convert::Infallible;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------------------
+// The wire: OpenAI's request and response shapes
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -75,7 +93,7 @@ pub struct ChatJob {
     /// The image file's bytes.
     pub image: Vec<u8>,
     #[allow(missing_docs)]
-    pub sampling: Sampling,
+    pub sampling: RequestOptions,
     /// `stream: true`.
     pub stream: bool,
     /// `stream_options.include_usage`.
@@ -132,7 +150,7 @@ pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiErro
     Ok(ChatJob {
         prompt,
         image,
-        sampling: Sampling {
+        sampling: RequestOptions {
             max_tokens,
             temperature: req.temperature,
             top_p: req.top_p,
@@ -274,6 +292,137 @@ pub fn usage_chunk_json(r: &ResponseId, u: Usage) -> serde_json::Value {
     })
 }
 
+// ---------------------------------------------------------------------------
+// The handler
+
+/// `POST /v1/chat/completions` (and `/chat/completions`).
+pub(crate) async fn chat_completions<E: Engine>(
+    State(state): State<Shared<E>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match chat_response(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_response<E: Engine>(
+    state: Shared<E>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.config.max_body)?;
+    let job = parse(&body, state.config.allow_files.as_deref())?;
+    let engine = state.engine.get().ok_or_else(ApiError::loading)?;
+    let rid = ResponseId {
+        id: format!(
+            "chatcmpl-{:x}{:08x}",
+            unix_now(),
+            state.next_id.fetch_add(1, Ordering::Relaxed)
+        ),
+        created: unix_now(),
+        model: engine.model_id(),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let req = CompletionRequest {
+        image: job.image,
+        prompt: job.prompt,
+        sampling: job.sampling,
+        cancel: cancel.clone(),
+    };
+    if job.stream {
+        return stream_chat(state, rid, req, job.include_usage).await;
+    }
+    let c = admit::run(&state, &cancel, move |e| e.complete(req, &mut |_| {})).await?;
+    state.record(c.usage, &c.stages);
+    Ok(Json(completion_json(&rid, &c)).into_response())
+}
+
+/// What the generating worker tells the stream.
+enum Progress {
+    Piece(String),
+    Done(Result<Completion, ApiError>),
+}
+
+/// `stream: true`. The response starts once the first piece of text exists, so an error
+/// before it (a bad image, a prompt too long) still gets its HTTP status; later errors
+/// arrive as an `{"error": …}` event.
+async fn stream_chat<E: Engine>(
+    state: Shared<E>,
+    rid: ResponseId,
+    req: CompletionRequest,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let cancel = req.cancel.clone();
+    let (ptx, mut prx) = mpsc::unbounded_channel::<Progress>();
+    {
+        let (state, cancel) = (state.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let pieces = ptx.clone();
+            let (st, flag) = (state.clone(), cancel.clone());
+            let r = admit::run(&state, &cancel, move |e| {
+                e.complete(req, &mut |p| {
+                    // Nobody listens: the handler was dropped before the stream began.
+                    if pieces.send(Progress::Piece(p.to_string())).is_err() {
+                        client_gone(&st, &flag);
+                    }
+                })
+            })
+            .await;
+            if let Ok(c) = &r {
+                state.record(c.usage, &c.stages);
+            }
+            let _ = ptx.send(Progress::Done(r));
+        });
+    }
+    let first = match prx.recv().await {
+        Some(Progress::Done(Err(e))) => return Err(e),
+        Some(p) => p,
+        None => return Err(ApiError::internal("the generation ended without a result")),
+    };
+    let (etx, erx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    tokio::spawn(async move {
+        let send = |v: serde_json::Value| etx.send(Ok(Event::default().data(v.to_string())));
+        let role = serde_json::json!({ "role": "assistant", "content": "" });
+        let mut next = Some(first);
+        let mut gone = send(chunk_json(&rid, role, None)).is_err();
+        while let Some(p) = next.take() {
+            gone |= match p {
+                Progress::Piece(t) => {
+                    let delta = serde_json::json!({ "content": t });
+                    send(chunk_json(&rid, delta, None)).is_err()
+                }
+                Progress::Done(Ok(c)) => {
+                    let last = chunk_json(&rid, serde_json::json!({}), Some(c.finish_reason));
+                    let mut fail = send(last).is_err();
+                    if include_usage {
+                        fail |= send(usage_chunk_json(&rid, c.usage)).is_err();
+                    }
+                    fail |= etx.send(Ok(Event::default().data("[DONE]"))).is_err();
+                    fail
+                }
+                Progress::Done(Err(e)) => send(e.body()).is_err(),
+            };
+            if gone {
+                client_gone(&state, &cancel);
+            }
+            // The body is dropped once a write fails: then cancel at once, not at the next
+            // piece (a long prefill, or tokens that add no text, write nothing).
+            next = tokio::select! {
+                p = prx.recv() => p,
+                () = etx.closed(), if !gone => {
+                    gone = true;
+                    client_gone(&state, &cancel);
+                    prx.recv().await
+                }
+            };
+        }
+    });
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(erx);
+    // Keep-alive comments make a silent stream write, so a closed connection is noticed.
+    let keep_alive = KeepAlive::new().interval(Duration::from_millis(500));
+    Ok(Sse::new(stream).keep_alive(keep_alive).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,7 +447,7 @@ mod tests {
         assert_eq!(j.prompt, "caption en");
         assert_eq!(j.image, b"hello");
         assert!(!j.stream);
-        assert_eq!(j.sampling, Sampling::default());
+        assert_eq!(j.sampling, RequestOptions::default());
     }
 
     #[test]

@@ -4,13 +4,10 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Set by the server when the client has gone or the request timed out: the engine stops
-/// generating at its next token.
-pub type CancelFlag = Arc<AtomicBool>;
-
-/// Decoding settings from a request; `None` = the server's defaults (its command line).
+/// The decoding settings a request carries; `None` = the server's defaults (its command
+/// line).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sampling {
+pub struct RequestOptions {
     /// `max_tokens` / `max_completion_tokens`.
     pub max_tokens: Option<usize>,
     /// 0 = greedy.
@@ -35,9 +32,10 @@ pub struct CompletionRequest {
     /// The PaliGemma prompt (`caption en`, `detect cat ; dog`, `answer en …`).
     pub prompt: String,
     #[allow(missing_docs)]
-    pub sampling: Sampling,
-    #[allow(missing_docs)]
-    pub cancel: CancelFlag,
+    pub sampling: RequestOptions,
+    /// Set by the server when the client has gone or the request timed out (or shutdown's
+    /// grace period ran out); the engine stops at its next token.
+    pub cancel: Arc<AtomicBool>,
 }
 
 /// Object names to find (or segment) in one image.
@@ -50,9 +48,10 @@ pub struct LocateRequest {
     /// `segment` instead of `detect`.
     pub segment: bool,
     #[allow(missing_docs)]
-    pub sampling: Sampling,
-    #[allow(missing_docs)]
-    pub cancel: CancelFlag,
+    pub sampling: RequestOptions,
+    /// Set by the server when the client has gone or the request timed out (or shutdown's
+    /// grace period ran out); the engine stops at its next token.
+    pub cancel: Arc<AtomicBool>,
 }
 
 /// Token counts of one request.
@@ -85,7 +84,7 @@ pub struct Completion {
 
 /// A finished detect / segment request.
 #[derive(Debug, Clone)]
-pub struct Located {
+pub struct LocateResponse {
     /// The response body: exactly what `pali detect --json` / `pali segment --json` prints.
     pub json: serde_json::Value,
     #[allow(missing_docs)]
@@ -138,5 +137,5 @@ pub trait Engine: Send + Sync + 'static {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Completion, EngineError>;
     /// Finds or segments objects.
-    fn locate(&self, req: LocateRequest) -> Result<Located, EngineError>;
+    fn locate(&self, req: LocateRequest) -> Result<LocateResponse, EngineError>;
 }

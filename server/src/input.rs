@@ -1,9 +1,12 @@
 //! Where a request's image comes from: a `data:` URL or bare base64, a local file under
 //! `--allow-files DIR`, or a multipart upload. Remote URLs are refused: devices are often
 //! offline, and a server that fetches URLs can be made to probe a network.
+//! The body itself is read here too (413 over `--max-body`).
 
 use crate::error::ApiError;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
 use base64::Engine as _;
 use std::path::Path;
 
@@ -93,6 +96,20 @@ fn image_from_file(path: &str, allow: Option<&Path>, field: &str) -> Result<Vec<
         return Err(outside());
     }
     std::fs::read(&real).map_err(|e| ApiError::invalid(format!("{field}: {path:?}: {e}")))
+}
+
+/// The request body, or 413 / 400 naming what is wrong with it.
+pub(crate) fn body_or_error(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid(format!("unreadable request body: {e}"))
+        }
+    })
 }
 
 /// A parsed `multipart/form-data` body: the uploaded files and the text fields.

@@ -1,11 +1,13 @@
 //! `pali serve`: the pali-server HTTP front end over a loaded [`pali::Model`]. This file only
 //! maps requests onto the library's task calls and their errors onto HTTP's.
 
+use crate::args::{gen_options, load_model, ModelArgs};
+use crate::files::model_paths;
 use pali::preprocess::decode_image;
 use pali::{FinishReason, GenerateOptions, Model, Task, Timings};
 use pali_server::{
-    Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest, Located,
-    Sampling, Stages, Usage,
+    Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest, LocateResponse,
+    RequestOptions, Stages, Usage,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,7 +53,7 @@ fn finish(f: FinishReason) -> &'static str {
 impl PaliEngine {
     /// The request's options over the defaults; the context (`-c`) is enforced by the
     /// library ([`pali::Error::ContextLength`]).
-    fn options(&self, s: &Sampling, cancel: &pali::CancelFlag) -> GenerateOptions {
+    fn options(&self, s: &RequestOptions, cancel: &pali::CancelFlag) -> GenerateOptions {
         let d = &self.defaults;
         let n_predict = s.max_tokens.unwrap_or(d.n_predict);
         GenerateOptions {
@@ -104,7 +106,7 @@ impl pali_server::Engine for PaliEngine {
         })
     }
 
-    fn locate(&self, req: LocateRequest) -> Result<Located, EngineError> {
+    fn locate(&self, req: LocateRequest) -> Result<LocateResponse, EngineError> {
         let img = image(&req.image)?;
         let opts = self.options(&req.sampling, &req.cancel);
         let found = if req.segment {
@@ -113,7 +115,7 @@ impl pali_server::Engine for PaliEngine {
             self.model.detect(&img, &req.objects, &opts)
         }
         .map_err(engine_error)?;
-        Ok(Located {
+        Ok(LocateResponse {
             usage: Usage {
                 prompt_tokens: found.timings.n_prefix,
                 completion_tokens: found.tokens.len(),
@@ -223,4 +225,36 @@ pub fn run(
         // Tests and scripts read this line to find the port (`--port 0`).
         eprintln!("pali: listening on http://{addr}");
     })
+}
+
+/// `pali serve`: finds the model files, then loads them while the server already answers.
+pub(crate) fn run_serve(flags: ServeArgs, mut args: ModelArgs) -> Result<(), String> {
+    let paths = model_paths(&args, flags.vae.as_deref(), true)?;
+    // Requests running at once share the cores: ggml's threads spin, and two contexts of
+    // all-core threads on 2 cores ran 30x slower than one (BENCHMARKS.md, "Server").
+    if args.threads.is_none() && flags.parallel > 1 {
+        let t = (pali::default_threads() / flags.parallel as i32).max(1);
+        log::info!("--parallel {}: {t} threads per request", flags.parallel);
+        args.threads = Some(t);
+    }
+    let load = move || {
+        let model = load_model(&args, &paths)?;
+        let id = paths
+            .decoder
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pali".into());
+        let ctx = if args.ctx_size > 0 {
+            args.ctx_size
+        } else {
+            model.n_ctx_train()
+        };
+        Ok(PaliEngine {
+            defaults: gen_options(&args),
+            model,
+            id,
+            ctx,
+        })
+    };
+    run(flags, load)
 }

@@ -1,0 +1,241 @@
+//! The task commands: caption / ask / ocr / run (text), detect / segment, bench, eval.
+
+use crate::args::{gen_options, load_model, ModelArgs};
+use crate::files::model_paths;
+use pali::preprocess::load_image;
+use pali::{GenerateOptions, Task};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Output files and the mask decoder of `pali detect` / `pali segment`.
+#[derive(Default)]
+pub(crate) struct LocateOutputs<'a> {
+    /// `--draw`.
+    pub(crate) draw: Option<&'a Path>,
+    /// `--mask-out` (segment).
+    pub(crate) mask_out: Option<&'a Path>,
+    /// `--vae` (segment).
+    pub(crate) vae: Option<&'a Path>,
+}
+
+/// `pali detect` / `pali segment`: the library's task, printed as `label: x1,y1,x2,y2`
+/// lines or one JSON object; `--draw` writes the labelled picture, `--mask-out` the masks.
+pub(crate) fn run_locate(
+    image: &Path,
+    objects: Vec<String>,
+    segment: bool,
+    outs: LocateOutputs<'_>,
+    args: &ModelArgs,
+) -> Result<bool, String> {
+    let paths = model_paths(args, outs.vae, segment)?;
+    if outs.mask_out.is_some() && paths.mask_decoder.is_none() {
+        return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
+    }
+    // Before loading anything: a request without names fails at once.
+    pali::task::check_objects(&objects).map_err(|e| e.to_string())?;
+    let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
+    let model = load_model(args, &paths)?;
+    let opts = gen_options(args);
+    let found = if segment {
+        model.segment(&img, &objects, &opts)
+    } else {
+        model.detect(&img, &objects, &opts)
+    }
+    .map_err(|e| e.to_string())?;
+    if args.json {
+        let mut obj = pali::task::to_json(&found);
+        if let Some(p) = outs.draw {
+            obj["draw"] = serde_json::json!(p.display().to_string());
+        }
+        if let Some(p) = outs.mask_out {
+            obj["mask_out"] = serde_json::json!(p.display().to_string());
+        }
+        println!("{obj}");
+    } else {
+        print_located(&found);
+    }
+    let masks = found.masks();
+    if let Some(p) = outs.draw {
+        let pic = pali::draw::draw_segments(&img, &found.boxes(), &masks);
+        pali::draw::save_png(&pic, p).map_err(|e| e.to_string())?;
+    }
+    if let Some(p) = outs.mask_out {
+        let refs: Vec<&pali::Mask> = masks.into_iter().flatten().collect();
+        pali::draw::save_mask_png(&refs, img.width, img.height, p).map_err(|e| e.to_string())?;
+    }
+    Ok(true)
+}
+
+/// The text form of detect / segment: one line per object, warnings on stderr.
+fn print_located(found: &pali::Located) {
+    for o in &found.objects {
+        let b = &o.bbox;
+        let [x1, y1, x2, y2] = b.rect().map(|v| v.round() as i64);
+        let mut line = format!("{}: {x1},{y1},{x2},{y2}", b.label);
+        if let Some(score) = b.score {
+            line.push_str(&format!(" score={score:.2}"));
+        }
+        if let Some(seg) = &o.segment {
+            let c: Vec<String> = seg.codes.iter().map(u8::to_string).collect();
+            line.push_str(&format!(" codes={}", c.join(",")));
+            if let Some(m) = &seg.mask {
+                line.push_str(&format!(" area={}", m.area()));
+            }
+        }
+        println!("{line}");
+    }
+    for wline in &found.warnings {
+        eprintln!("warning: {wline}");
+    }
+    if found.objects.is_empty() {
+        eprintln!("no objects found (the model answered {:?})", found.text);
+    }
+}
+
+/// Runs one prompt on each image; streams text (or prints JSON Lines); keeps going past bad
+/// images. Returns whether all succeeded.
+pub(crate) fn generate_each(
+    images: &[PathBuf],
+    task: &Task,
+    args: &ModelArgs,
+) -> Result<bool, String> {
+    let model = load_model(args, &model_paths(args, None, false)?)?;
+    let opts = gen_options(args);
+    let many = images.len() > 1;
+    let bar = if many && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(images.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut ok = true;
+    // Images are encoded a group at a time and then decoded: in low-memory mode the vision
+    // tower and the decoder are loaded once per group, not once per image.
+    let group = model.images_per_group();
+    let mut encoded = Vec::new();
+    for (i, path) in images.iter().enumerate() {
+        if i % group == 0 {
+            encoded = images[i..images.len().min(i + group)]
+                .iter()
+                .map(|p| {
+                    load_image(p, pali::MAX_IMAGE_PIXELS)
+                        .map_err(pali::Error::from)
+                        .and_then(|img| model.encode_image(&img))
+                })
+                .rev()
+                .collect();
+        }
+        let res = encoded.pop().expect("one per image").and_then(|img| {
+            let mut stdout = std::io::stdout();
+            let stream = !args.json;
+            if stream && many {
+                print!("{}: ", path.display());
+            }
+            model.answer_encoded(img, task, &opts, &mut |piece| {
+                if stream {
+                    print!("{piece}");
+                    let _ = stdout.flush();
+                }
+            })
+        });
+        match res {
+            Ok(g) => {
+                if args.json {
+                    let mut obj = pali::task::to_json(&g);
+                    if many {
+                        obj["path"] = serde_json::json!(path.display().to_string());
+                    }
+                    println!("{obj}");
+                } else {
+                    println!();
+                }
+            }
+            Err(e) => {
+                ok = false;
+                if args.json && many {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "path": path.display().to_string(), "error": e.to_string() })
+                    );
+                } else if many {
+                    println!();
+                    eprintln!("error: {e}");
+                } else {
+                    return Err(e.to_string());
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(ok)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub(crate) fn run_bench(
+    image: &Path,
+    prompt: &str,
+    runs: usize,
+    args: &ModelArgs,
+) -> Result<(), String> {
+    let model = load_model(args, &model_paths(args, None, false)?)?;
+    let load_ms = model.load_ms();
+    let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
+    // Like llama-bench's tg: exactly -n tokens, whatever they are.
+    let opts = GenerateOptions {
+        ignore_eos: true,
+        ..gen_options(args)
+    };
+    let mut rows: Vec<pali::Timings> = Vec::new();
+    for i in 0..=runs {
+        let g = model
+            .generate(&img, prompt, &opts, &mut |_| {})
+            .map_err(|e| e.to_string())?;
+        if i > 0 {
+            rows.push(g.timings);
+        }
+    }
+    let col = |f: fn(&pali::Timings) -> f64| median(&mut rows.iter().map(f).collect::<Vec<_>>());
+    let (pre, vis, pf, dec, tps) = (
+        col(|t| t.preprocess_ms),
+        col(|t| t.vision_ms),
+        col(|t| t.prefill_ms),
+        col(|t| t.decode_ms),
+        col(|t| t.decode_tok_s),
+    );
+    let n_prefix = rows[0].n_prefix;
+    let obj = serde_json::json!({
+        "runs": runs, "load_ms": load_ms, "n_prefix": n_prefix, "n_gen": rows[0].n_gen,
+        "median_preprocess_ms": pre, "median_vision_ms": vis, "median_prefill_ms": pf,
+        "prefill_tok_s": n_prefix as f64 / (pf / 1e3), "median_decode_ms": dec, "median_decode_tok_s": tps,
+        "median_ttft_ms": pre + vis + pf, "peak_rss_mb": pali::peak_rss_mb(),
+        "vision_backend": model.vision_backend(), "low_mem": model.low_mem(), "cpu_features": pali_ggml::cpu_features(),
+        "blas": pali_ggml::blas::library(),
+    });
+    if args.json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&obj).expect("json"));
+    }
+    Ok(())
+}
+
+pub(crate) fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
+    let items = pali::eval::read_set(set).map_err(|e| e.to_string())?;
+    let model = load_model(args, &model_paths(args, None, false)?)?;
+    let report =
+        pali::eval::evaluate(&model, &items, &gen_options(args)).map_err(|e| e.to_string())?;
+    let obj = serde_json::json!({ "set": set.display().to_string(), "tasks": report });
+    println!(
+        "{}",
+        if args.json {
+            obj.to_string()
+        } else {
+            serde_json::to_string_pretty(&obj).expect("json")
+        }
+    );
+    Ok(())
+}
