@@ -3,7 +3,7 @@
 //! `cargo run --release --example caption -- [IMAGE] [MODEL.gguf MMPROJ.gguf]`
 //! (defaults: an example scene and the bundled demo model in models/demo).
 
-use pali::preprocess::load_image;
+use pali::image::load_image;
 use pali::{GenerateOptions, LoadOptions, Model, ModelPaths, Task};
 use std::io::Write;
 

@@ -144,30 +144,30 @@ const DEMO_NPZ: &str = "models/demo/vae-shapes.npz";
 const FIXTURE_HF: &str = "models/fixtures/tiny-224/hf";
 
 /// A small picture every case that needs one uses.
-fn picture() -> pali::preprocess::RgbImage {
+fn picture() -> pali::RgbImage {
     let (w, h) = (40u32, 30u32);
     let data = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
-    pali::preprocess::RgbImage::new(w, h, data).unwrap()
+    pali::RgbImage::new(w, h, data).unwrap()
 }
 
 /// An mmproj file: load it as `--mmproj` does, then run the tower on a picture.
 pub fn gguf_mmproj(data: &[u8]) {
     let path = scratch("mmproj.gguf", &edit(base(DEMO_MMPROJ), data));
-    let Ok(enc) = pali::siglip::VisionEncoder::load(&path, false, 1) else {
+    let Ok(enc) = pali::vision::VisionEncoder::load(&path, false, 1) else {
         return;
     };
     let Ok(cfg) = enc.config().preprocess_config() else {
         return;
     };
-    let pixels = pali::preprocess::preprocess(&picture(), &cfg);
-    let _ = enc.encode(&pixels, pali::siglip::VisionOutput::Projected);
+    let pixels = pali::image::preprocess(&picture(), &cfg);
+    let _ = enc.encode(&pixels, pali::vision::VisionOutput::Projected);
 }
 
 /// A decoder file: probe and load it as `-m` does, then generate two tokens after a prefix.
 pub fn gguf_decoder(data: &[u8]) {
-    use pali::session::{DecodeOptions, Decoder, DecoderOptions};
+    use pali::decoder::{DecodeOptions, Decoder, DecoderOptions};
     let path = scratch("decoder.gguf", &edit(base(DEMO_DECODER), data));
-    if pali::session::Decoder::probe(&path).is_err() {
+    if pali::decoder::Decoder::probe(&path).is_err() {
         return;
     }
     let opts = DecoderOptions {
@@ -200,7 +200,7 @@ pub fn gguf_decoder(data: &[u8]) {
 pub fn gguf_mask(data: &[u8]) {
     let path = scratch("vae.gguf", &edit(base(DEMO_VAE), data));
     if let Ok(m) = pali::MaskDecoder::load(&path, 1) {
-        let codes: [u8; pali::prompt::SEG_TOKENS] = std::array::from_fn(|i| (i * 9) as u8);
+        let codes: [u8; pali::tasks::parse::SEG_TOKENS] = std::array::from_fn(|i| (i * 9) as u8);
         let _ = m.decode(&codes);
     }
 }
@@ -264,9 +264,9 @@ pub fn checkpoint_json(data: &[u8]) {
 
 /// An image file: decoded as `pali caption IMG` decodes it, then preprocessed to 224 px.
 pub fn image(data: &[u8]) {
-    if let Ok(img) = pali::preprocess::decode_image(data, pali::MAX_IMAGE_PIXELS) {
-        let cfg = pali::preprocess::PreprocessConfig::paligemma(224);
-        let _ = pali::preprocess::preprocess(&img, &cfg);
+    if let Ok(img) = pali::image::decode_image(data, pali::MAX_IMAGE_PIXELS) {
+        let cfg = pali::image::PreprocessConfig::paligemma(224);
+        let _ = pali::image::preprocess(&img, &cfg);
     }
 }
 
@@ -279,11 +279,11 @@ pub fn answer(data: &[u8]) {
     let w = u16::from_le_bytes([data[0], data[1]]) as u32;
     let h = u16::from_le_bytes([data[2], data[3]]) as u32;
     let text = String::from_utf8_lossy(&data[4..]);
-    let _ = pali::prompt::parse_detections(&text, w, h);
-    let segs = pali::prompt::parse_segments(&text, w.min(512), h.min(512));
+    let _ = pali::tasks::parse_detections(&text, w, h);
+    let segs = pali::tasks::parse_segments(&text, w.min(512), h.min(512));
     for o in &segs.objects {
-        let b = pali::vae::mask_box(o.bbox.loc, w.min(512), h.min(512));
-        let m = pali::vae::place_mask(&[0.5; 64 * 64], b, w.min(512), h.min(512));
+        let b = pali::mask::mask_box(o.bbox.loc, w.min(512), h.min(512));
+        let m = pali::mask::place_mask(&[0.5; 64 * 64], b, w.min(512), h.min(512));
         let rle = m.rle();
         let _ = pali::Mask::from_rle(w.min(512), h.min(512), &rle);
     }

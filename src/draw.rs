@@ -1,9 +1,9 @@
 //! Pictures of the results: boxes with label tags (and segmentation masks, shaded in the
 //! label's colour) drawn onto the original image, and binary masks, written as PNG atomically.
 
-use crate::preprocess::RgbImage;
-use crate::prompt::DetectionBox;
-use crate::vae::Mask;
+use crate::image::RgbImage;
+use crate::mask::Mask;
+use crate::tasks::DetectionBox;
 use crate::{Error, Result};
 use pali_ggml::atomic_file::AtomicFile;
 use std::path::Path;

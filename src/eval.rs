@@ -6,7 +6,7 @@
 //! prompt's first word (`caption`, `answer`, `detect`, …) unless the line names it with
 //! `"task": "…"` (to report, say, `detect colour shape` apart from `detect shape`).
 
-use crate::prompt::{parse_detections, DetectionBox};
+use crate::tasks::{parse_detections, DetectionBox};
 use crate::{Error, GenerateOptions, Model, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -144,7 +144,7 @@ pub fn evaluate(
 ) -> Result<BTreeMap<String, TaskMetrics>> {
     let mut scorer = Scorer::default();
     for item in items {
-        let img = crate::preprocess::load_image(&item.image, crate::MAX_IMAGE_PIXELS)?;
+        let img = crate::image::load_image(&item.image, crate::MAX_IMAGE_PIXELS)?;
         let g = model.generate(&img, &item.prompt, opts, &mut |_| {})?;
         scorer.add(item, &g.text);
     }

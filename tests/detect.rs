@@ -2,9 +2,9 @@
 //! bundled model's tokenizer, the `--draw` picture checked pixel by pixel, and the
 //! `pali detect` / `pali segment` commands end to end with the bundled model.
 
+use pali::decoder::{Decoder, DecoderOptions};
 use pali::draw::{draw_detections, label_colors, line_width, save_png};
-use pali::preprocess::RgbImage;
-use pali::session::{Decoder, DecoderOptions};
+use pali::RgbImage;
 use pali::{parse_detections, parse_segments, DetectionBox, SlidingWindow};
 use std::path::{Path, PathBuf};
 use std::process::Command;

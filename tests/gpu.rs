@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use pali::siglip::{VisionEncoder, VisionPrecision};
+use pali::vision::{VisionEncoder, VisionPrecision};
 use pali::{GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
 use pali_ggml::graph::{Backend, Graph, Weights};
 use pali_ggml::quant::FileType;

@@ -2,8 +2,8 @@
 
 mod common;
 use common::*;
-use pali::preprocess::load_image;
-use pali::siglip::VisionEncoder;
+use pali::image::load_image;
+use pali::vision::VisionEncoder;
 use pali::{GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
 use pali_ggml::quant::FileType;
 
@@ -31,7 +31,7 @@ fn preprocessing_matches_hf_processor() {
         let r = Reference::load(name);
         let m = model(name, FileType::F32, FileType::F32);
         for img in r.images() {
-            let ours = pali::preprocess::preprocess(
+            let ours = pali::image::preprocess(
                 &load_image(&image_path(&img), pali::MAX_IMAGE_PIXELS).unwrap(),
                 m.preprocess_config(),
             );
@@ -110,7 +110,7 @@ fn tower_tests_pass_without_blas() {
 /// (the tiny fixtures' on CUDA), here on the CPU: the same tower.
 #[test]
 fn vision_tower_with_plain_attention_matches_hf() {
-    use pali::siglip::AttentionKernel;
+    use pali::vision::AttentionKernel;
     for name in FIXTURES {
         let r = Reference::load(name);
         let c = converted(name, FileType::F32, FileType::F32);
@@ -129,7 +129,7 @@ fn vision_tower_with_plain_attention_matches_hf() {
 /// explicit F32 mode still equals `Auto` on the CPU.
 #[test]
 fn f16_compute_vision_tower_matches_hf() {
-    use pali::siglip::VisionPrecision;
+    use pali::vision::VisionPrecision;
     for name in FIXTURES {
         let r = Reference::load(name);
         for vt in [FileType::F32, FileType::F16] {
@@ -192,7 +192,7 @@ fn text_only_decoder_matches_hf() {
         let mp = ModelParams {
             int_overrides: vec![(
                 pali_ggml::schema::keys::SLIDING_WINDOW.into(),
-                pali::session::FULL_ATTENTION_WINDOW as i64,
+                pali::decoder::FULL_ATTENTION_WINDOW as i64,
             )],
             ..Default::default()
         };

@@ -77,8 +77,7 @@ fn outputs(m: &Model, name: &str) -> Vec<(Vec<u32>, Vec<f32>)> {
         .map(|case| {
             let img = case["image"].as_str().unwrap();
             let k = case["prompt_index"].as_u64().unwrap() as usize;
-            let image =
-                pali::preprocess::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
+            let image = pali::image::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
             let opts = GenerateOptions {
                 n_predict: ids(&case["greedy"]).len(),
                 ..Default::default()

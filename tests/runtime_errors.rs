@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use pali::preprocess::decode_image;
+use pali::image::decode_image;
 use pali::{Error, GenerateOptions, LoadOptions, Model, ModelPaths};
 use pali_ggml::quant::FileType;
 use std::path::PathBuf;
@@ -76,7 +76,7 @@ fn truncated_decoder_in_low_memory_mode() {
     let e = match load_mode(cut.clone(), c.mmproj.clone(), true) {
         Err(e) => e.to_string(),
         Ok(model) => {
-            let img = pali::preprocess::RgbImage::new(20, 20, vec![128; 20 * 20 * 3]).unwrap();
+            let img = pali::RgbImage::new(20, 20, vec![128; 20 * 20 * 3]).unwrap();
             err_text(model.generate(&img, "caption en", &GenerateOptions::default(), &mut |_| {}))
         }
     };
@@ -117,11 +117,11 @@ fn bad_images_are_refused() {
         .to_string()
         .contains("empty"));
     assert!(decode_image(b"\x89PNG\r\n\x1a\ngarbage", pali::MAX_IMAGE_PIXELS).is_err());
-    let e = pali::preprocess::load_image("/nonexistent.png".as_ref(), pali::MAX_IMAGE_PIXELS)
-        .unwrap_err();
+    let e =
+        pali::image::load_image("/nonexistent.png".as_ref(), pali::MAX_IMAGE_PIXELS).unwrap_err();
     assert!(e.to_string().contains("/nonexistent.png"), "{e}");
     // A real image above a (small) pixel limit is refused before decoding.
-    let e = pali::preprocess::load_image(&image_path("wide"), 100).unwrap_err();
+    let e = pali::image::load_image(&image_path("wide"), 100).unwrap_err();
     assert!(e.to_string().contains("wide.png"), "{e}");
 }
 
@@ -130,7 +130,7 @@ fn bad_images_are_refused() {
 fn prompt_longer_than_context_is_refused() {
     let c = converted("tiny-224", FileType::F16, FileType::F16);
     let m = load(c.decoder, c.mmproj).unwrap();
-    let img = pali::preprocess::load_image(&image_path("wide"), pali::MAX_IMAGE_PIXELS).unwrap();
+    let img = pali::image::load_image(&image_path("wide"), pali::MAX_IMAGE_PIXELS).unwrap();
     let opts = GenerateOptions {
         n_predict: 8,
         max_ctx: 100,

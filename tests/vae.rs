@@ -4,8 +4,9 @@
 //! does): decoder outputs, exact mask placement on non-square images, `convert-vae` errors,
 //! and `pali segment --vae` end to end with the bundled model.
 
+use pali::image::pillow::resize_bilinear_f32;
+use pali::mask::{mask_box, place_mask, Mask, MaskDecoder, MAP_SIZE};
 use pali::parse_segments;
-use pali::vae::{mask_box, place_mask, resize_bilinear_f32, Mask, MaskDecoder, MAP_SIZE};
 use pali_convert::convert_vae;
 use pali_convert::safetensors::Checkpoint;
 use std::io::{Read, Write};

@@ -294,14 +294,14 @@ pub unsafe extern "C" fn pali_model_free(model: *mut pali_model) {
 ///
 /// # Safety
 /// `image.data` points to `image.size` readable bytes (or is NULL).
-unsafe fn read_image(image: &pali_image) -> Result<pali::preprocess::RgbImage, Failure> {
+unsafe fn read_image(image: &pali_image) -> Result<pali::RgbImage, Failure> {
     if image.data.is_null() || image.size == 0 {
         return Err(invalid("image.data is NULL or image.size is 0"));
     }
     // SAFETY: per this function's contract.
     let bytes = unsafe { std::slice::from_raw_parts(image.data, image.size) };
     match image.format {
-        PALI_IMAGE_ENCODED => Ok(pali::preprocess::decode_image(bytes, pali::MAX_IMAGE_PIXELS)
+        PALI_IMAGE_ENCODED => Ok(pali::image::decode_image(bytes, pali::MAX_IMAGE_PIXELS)
             .map_err(pali::Error::from)?),
         PALI_IMAGE_RGB8 => rgb_image(bytes, image.width, image.height, image.stride),
         f => Err(invalid(format!(
@@ -311,12 +311,7 @@ unsafe fn read_image(image: &pali_image) -> Result<pali::preprocess::RgbImage, F
 }
 
 /// Packs strided RGB8 rows, checking the sizes against the buffer.
-fn rgb_image(
-    bytes: &[u8],
-    w: u32,
-    h: u32,
-    stride: u32,
-) -> Result<pali::preprocess::RgbImage, Failure> {
+fn rgb_image(bytes: &[u8], w: u32, h: u32, stride: u32) -> Result<pali::RgbImage, Failure> {
     let row = w as u64 * 3;
     let stride = if stride == 0 { row } else { u64::from(stride) };
     if w == 0 || h == 0 {
@@ -347,7 +342,7 @@ fn rgb_image(
         let start = (y * stride) as usize;
         data.extend_from_slice(&bytes[start..start + row as usize]);
     }
-    Ok(pali::preprocess::RgbImage::new(w, h, data).expect("sizes checked"))
+    Ok(pali::RgbImage::new(w, h, data).expect("sizes checked"))
 }
 
 /// Runs a task on an image. On success `*out_json` is the result as the CLI prints it
@@ -434,7 +429,7 @@ fn generate_options(
 /// One task through the library's task API, as the CLI's JSON.
 fn run_task(
     model: &pali::Model,
-    img: &pali::preprocess::RgbImage,
+    img: &pali::RgbImage,
     task: pali_task,
     text: Option<&str>,
     opts: &pali::GenerateOptions,
@@ -449,7 +444,7 @@ fn run_task(
             } else {
                 model.segment(img, &objects, opts)?
             };
-            return Ok(pali::task::to_json(&found));
+            return Ok(pali::tasks::to_json(&found));
         }
         PALI_TASK_CAPTION => pali::Task::Caption {
             lang: text.unwrap_or("en").into(),
@@ -463,7 +458,7 @@ fn run_task(
         PALI_TASK_PROMPT => pali::Task::Raw(need_text("the prompt")?.into()),
         other => return Err(invalid(format!("task {other} is not a PALI_TASK_* value"))),
     };
-    Ok(pali::task::to_json(&model.answer(img, &t, opts, on_text)?))
+    Ok(pali::tasks::to_json(&model.answer(img, &t, opts, on_text)?))
 }
 
 /// Frees a string returned by libpali (NULL is ignored).

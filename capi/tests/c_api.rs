@@ -102,9 +102,9 @@ fn c_example_captions_and_detects_like_the_library() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 2, "{out}");
-        let img = pali::preprocess::load_image(&img_path, pali::MAX_IMAGE_PIXELS).unwrap();
-        let caption = pali::task::to_json(&model.caption(&img, "en", &opts).unwrap());
-        let found = pali::task::to_json(&model.detect(&img, &["circle ; square"], &opts).unwrap());
+        let img = pali::image::load_image(&img_path, pali::MAX_IMAGE_PIXELS).unwrap();
+        let caption = pali::tasks::to_json(&model.caption(&img, "en", &opts).unwrap());
+        let found = pali::tasks::to_json(&model.detect(&img, &["circle ; square"], &opts).unwrap());
         same_answer(&lines[0], &caption);
         same_answer(&lines[1], &found);
         assert!(!found["objects"].as_array().unwrap().is_empty());
@@ -117,7 +117,7 @@ fn bad_input_through_the_c_api_is_a_status_and_a_message() {
     let exe = build_c(&root().join("capi/tests/c/api_test.c"), "api_test");
     let (m, p) = demo();
     let png = root().join("examples/images/two_shapes_small.png");
-    let img = pali::preprocess::load_image(&png, pali::MAX_IMAGE_PIXELS).unwrap();
+    let img = pali::image::load_image(&png, pali::MAX_IMAGE_PIXELS).unwrap();
     let raw = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("two_shapes_small.rgb");
     std::fs::write(&raw, &img.data).unwrap();
     let (w, h) = (img.width.to_string(), img.height.to_string());

@@ -164,8 +164,8 @@ pub fn rel_diff(ours: &[f32], reference: &[f32]) -> f32 {
 
 /// Runs `enc` on every reference image of `r` and returns, per image, the tower's and the
 /// projector's errors relative to HF's largest value: `(image, tower, projector)`.
-pub fn vision_errors(r: &Reference, enc: &pali::siglip::VisionEncoder) -> Vec<(String, f32, f32)> {
-    use pali::siglip::VisionOutput;
+pub fn vision_errors(r: &Reference, enc: &pali::vision::VisionEncoder) -> Vec<(String, f32, f32)> {
+    use pali::vision::VisionOutput;
     r.images()
         .into_iter()
         .map(|img| {
@@ -206,8 +206,7 @@ pub fn run_cases(m: &pali::Model, name: &str, base: pali::GenerateOptions) -> Ve
                 .into_iter()
                 .filter(|&t| t != 1)
                 .collect();
-            let image =
-                pali::preprocess::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
+            let image = pali::image::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
             let opts = pali::GenerateOptions {
                 n_predict: want.len(),
                 ..base.clone()

@@ -150,9 +150,9 @@ pub(crate) fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, 
         rpc_servers,
         tensor_split: args.tensor_split.clone(),
         vision_precision: match args.vision_precision {
-            PrecisionArg::Auto => pali::siglip::VisionPrecision::Auto,
-            PrecisionArg::F32 => pali::siglip::VisionPrecision::F32,
-            PrecisionArg::F16 => pali::siglip::VisionPrecision::F16,
+            PrecisionArg::Auto => pali::vision::VisionPrecision::Auto,
+            PrecisionArg::F32 => pali::vision::VisionPrecision::F32,
+            PrecisionArg::F16 => pali::vision::VisionPrecision::F16,
         },
         sliding_window: match args.sliding_window {
             WindowArg::Off => SlidingWindow::Off,

@@ -2,7 +2,7 @@
 
 use crate::args::{gen_options, load_model, ModelArgs};
 use crate::files::model_paths;
-use pali::preprocess::load_image;
+use pali::image::load_image;
 use pali::{GenerateOptions, Task};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub(crate) fn run_locate(
         return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
     }
     // Before loading anything: a request without names fails at once.
-    pali::task::check_objects(&objects).map_err(|e| e.to_string())?;
+    pali::tasks::check_objects(&objects).map_err(|e| e.to_string())?;
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
     let model = load_model(args, &paths)?;
     let opts = gen_options(args);
@@ -43,7 +43,7 @@ pub(crate) fn run_locate(
     }
     .map_err(|e| e.to_string())?;
     if args.json {
-        let mut obj = pali::task::to_json(&found);
+        let mut obj = pali::tasks::to_json(&found);
         if let Some(p) = outs.draw {
             obj["draw"] = serde_json::json!(p.display().to_string());
         }
@@ -140,7 +140,7 @@ pub(crate) fn generate_each(
         match res {
             Ok(g) => {
                 if args.json {
-                    let mut obj = pali::task::to_json(&g);
+                    let mut obj = pali::tasks::to_json(&g);
                     if many {
                         obj["path"] = serde_json::json!(path.display().to_string());
                     }

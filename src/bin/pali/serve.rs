@@ -3,7 +3,7 @@
 
 use crate::args::{gen_options, load_model, ModelArgs};
 use crate::files::model_paths;
-use pali::preprocess::decode_image;
+use pali::image::decode_image;
 use pali::{FinishReason, GenerateOptions, Model, Task, Timings};
 use pali_server::{
     Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest, LocateResponse,
@@ -73,7 +73,7 @@ impl PaliEngine {
     }
 }
 
-fn image(bytes: &[u8]) -> Result<pali::preprocess::RgbImage, EngineError> {
+fn image(bytes: &[u8]) -> Result<pali::RgbImage, EngineError> {
     decode_image(bytes, pali::MAX_IMAGE_PIXELS)
         .map_err(|e| EngineError::new(ErrorKind::InvalidRequest, format!("image: {e}")))
 }
@@ -121,7 +121,7 @@ impl pali_server::Engine for PaliEngine {
                 completion_tokens: found.tokens.len(),
             },
             stages: stages(&found.timings),
-            json: pali::task::to_json(&found),
+            json: pali::tasks::to_json(&found),
         })
     }
 }

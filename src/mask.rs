@@ -18,7 +18,8 @@
 //!   image ([`resize_bilinear_f32`], bit-exact with Pillow ≥ 13), thresholded at `> 0`, and
 //!   pasted into an all-zero image of the original size.
 
-use crate::prompt::{SegmentObject, SEG_TOKENS};
+use crate::image::pillow::resize_bilinear_f32;
+use crate::tasks::parse::{SegmentObject, SEG_TOKENS};
 use crate::{Error, Result};
 use pali_ggml::gguf::GgufFile;
 use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
@@ -303,109 +304,6 @@ pub fn place_mask(map: &[f32], bbox: [u32; 4], width: u32, height: u32) -> Mask 
     m
 }
 
-/// Pillow's `precompute_coeffs` for a bilinear (triangle, support 1) filter over the whole
-/// input: per output pixel the first input index and its normalised `f64` weights (widened
-/// support when shrinking, i.e. antialiased, as Pillow does).
-fn bilinear_coeffs(in_size: u32, out_size: u32) -> Vec<(usize, Vec<f64>)> {
-    // Pillow's box is `float[4]`: (double)(in1 - in0) / outSize.
-    let scale = f64::from(in_size as f32) / f64::from(out_size);
-    let filterscale = scale.max(1.0);
-    let support = filterscale; // bilinear support 1.0 · filterscale
-    let ss = 1.0 / filterscale;
-    (0..out_size)
-        .map(|xx| {
-            let center = (f64::from(xx) + 0.5) * scale;
-            // C `(int)` truncates toward zero, like `as i64`.
-            let xmin = ((center - support + 0.5) as i64).max(0);
-            let xmax = ((center + support + 0.5) as i64).min(i64::from(in_size));
-            let mut k: Vec<f64> = (xmin..xmax)
-                .map(|x| {
-                    let t = ((x as f64 - center + 0.5) * ss).abs();
-                    if t < 1.0 {
-                        1.0 - t
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mut ww = 0.0f64;
-            for &w in &k {
-                ww += w;
-            }
-            if ww != 0.0 {
-                k.iter_mut().for_each(|w| *w /= ww);
-            }
-            (xmin as usize, k)
-        })
-        .collect()
-}
-
-/// One 1-D pass of Pillow's 32-bit float resampling along rows (`horizontal`) or columns:
-/// `f64` sums of `f32` pixels times `f64` weights, stored as `f32`.
-fn resample_pass(src: &[f32], w: usize, h: usize, out: u32, horizontal: bool) -> Vec<f32> {
-    let (in_len, lines) = if horizontal { (w, h) } else { (h, w) };
-    let coeffs = bilinear_coeffs(in_len as u32, out);
-    let out = out as usize;
-    let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
-    let mut dst = vec![0f32; ow * oh];
-    for line in 0..lines {
-        for (o, (xmin, k)) in coeffs.iter().enumerate() {
-            let mut ss = 0.0f64;
-            for (t, &kw) in k.iter().enumerate() {
-                let i = xmin + t;
-                let v = if horizontal {
-                    src[line * w + i]
-                } else {
-                    src[i * w + line]
-                };
-                ss += f64::from(v) * kw;
-            }
-            let at = if horizontal {
-                line * ow + o
-            } else {
-                o * ow + line
-            };
-            dst[at] = ss as f32;
-        }
-    }
-    dst
-}
-
-/// Resizes a float image like PIL's `Image.fromarray(a)` (mode `"F"`)
-/// `.resize((out_w, out_h), Image.BILINEAR)`: Pillow's two separable passes in `f64` with an
-/// `f32` intermediate, each skipped when its side is unchanged, the vertical pass first when
-/// the height shrinks by more than twice as many pixels as the width (Pillow ≥ 13), so the
-/// result is bit-identical. `src` is row-major `in_w × in_h`; so is the result.
-///
-/// # Panics
-/// If a size is zero or `src` does not hold `in_w · in_h` values.
-pub fn resize_bilinear_f32(src: &[f32], in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> Vec<f32> {
-    assert!(
-        in_w > 0 && in_h > 0 && out_w > 0 && out_h > 0,
-        "empty resize"
-    );
-    assert_eq!(src.len(), in_w as usize * in_h as usize, "source size");
-    let (w, h) = (in_w as usize, in_h as usize);
-    let need_h = out_w != in_w;
-    let need_v = out_h != in_h;
-    match (need_h, need_v) {
-        (false, false) => src.to_vec(),
-        (true, false) => resample_pass(src, w, h, out_w, true),
-        (false, true) => resample_pass(src, w, h, out_h, false),
-        (true, true) => {
-            let vertical_first =
-                out_h < in_h && i64::from(in_h - out_h) > 2 * (i64::from(in_w) - i64::from(out_w));
-            if vertical_first {
-                let t = resample_pass(src, w, h, out_h, false);
-                resample_pass(&t, w, out_h as usize, out_w, true)
-            } else {
-                let t = resample_pass(src, w, h, out_w, true);
-                resample_pass(&t, out_w as usize, h, out_h, false)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,18 +339,6 @@ mod tests {
         // Under one pixel wide: empty.
         let [x1, _, x2, _] = mask_box([500, 500, 505, 505], 97, 61);
         assert_eq!(x1, x2);
-    }
-
-    #[test]
-    fn resize_keeps_constants_and_identity() {
-        let src: Vec<f32> = (0..64 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
-        assert_eq!(resize_bilinear_f32(&src, 64, 64, 64, 64), src);
-        let flat = vec![0.25f32; 64 * 64];
-        for (w, h) in [(97, 61), (3, 200), (1, 1), (64, 5)] {
-            let r = resize_bilinear_f32(&flat, 64, 64, w, h);
-            assert_eq!(r.len(), (w * h) as usize);
-            assert!(r.iter().all(|&v| (v - 0.25).abs() < 1e-7), "{w}x{h}");
-        }
     }
 
     #[test]

@@ -1,138 +1,15 @@
-//! The tasks as library calls: [`Model::caption`], [`Model::ask`], [`Model::answer`] (any
-//! text task), [`Model::detect`] and [`Model::segment`]. Each returns one serializable
-//! result, [`TextAnswer`] or [`Located`], whose JSON is what `pali … --json` prints,
-//! `pali serve` returns and the C library hands out: every front end runs this code.
+//! The tasks as library calls on a [`Model`]: [`Model::caption`], [`Model::ask`],
+//! [`Model::answer`] (any text task), [`Model::detect`] and [`Model::segment`]. Every front
+//! end runs this code.
 
-use crate::preprocess::RgbImage;
-use crate::prompt::{self, DetectionBox, Task, SEG_TOKENS};
-use crate::vae::{mask_box, Mask};
-use crate::{EncodedImage, Error, FinishReason, GenerateOptions, Generation, Model, Result};
-use serde::ser::{SerializeMap, Serializer};
-
-/// An image's size in pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ImageSize {
-    #[allow(missing_docs)]
-    pub width: u32,
-    #[allow(missing_docs)]
-    pub height: u32,
-}
-
-/// The answer to a text task (caption, question, OCR, any prompt).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TextAnswer {
-    /// The generated text (special tokens dropped, `<loc>`/`<seg>` kept).
-    pub text: String,
-    /// Generated token ids.
-    pub tokens: Vec<u32>,
-    /// `stop` (end of text or a stop sequence) or `length` (the token limit).
-    pub finish_reason: FinishReason,
-    /// Where the time went.
-    pub timings: crate::Timings,
-}
-
-impl From<Generation> for TextAnswer {
-    fn from(g: Generation) -> Self {
-        TextAnswer {
-            text: g.text,
-            tokens: g.tokens,
-            finish_reason: g.finish_reason,
-            timings: g.timings,
-        }
-    }
-}
-
-/// The objects found by [`Model::detect`] or [`Model::segment`], in the original image's
-/// pixels.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Located {
-    /// The objects in the order the model wrote them.
-    pub objects: Vec<LocatedObject>,
-    /// The image's size (the boxes' coordinate frame).
-    pub image: ImageSize,
-    /// The model's raw answer.
-    pub text: String,
-    /// Generated token ids.
-    pub tokens: Vec<u32>,
-    /// `stop` or `length` (the answer was cut at the token limit).
-    pub finish_reason: FinishReason,
-    /// Where the time went.
-    pub timings: crate::Timings,
-    /// Skipped objects, ignored text, masks not decoded, a cut answer: one line each.
-    pub warnings: Vec<String>,
-}
-
-/// One object: its box and score, and for `segment` its mask codes and mask.
-///
-/// JSON: `{"label", "box": [x1, y1, x2, y2], "score", "loc": [y1, x1, y2, x2]}`, plus for
-/// `segment` `"codes"` (16 numbers) and `"mask"` (`null` without a mask decoder, else COCO's
-/// uncompressed RLE `{"size": [h, w], "counts"}`) with `"mask_box"` and `"area"`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LocatedObject {
-    /// The box, label and score.
-    pub bbox: DetectionBox,
-    /// `segment` only.
-    pub segment: Option<ObjectMask>,
-}
-
-/// A segmented object's mask codes and, with a mask decoder, its mask.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ObjectMask {
-    /// The 16 `<segNNN>` codes (4×4, row-major).
-    pub codes: [u8; SEG_TOKENS],
-    /// The binary mask over the whole image, if a mask decoder was loaded.
-    pub mask: Option<Mask>,
-}
-
-impl serde::Serialize for LocatedObject {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let b = &self.bbox;
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("label", &b.label)?;
-        m.serialize_entry("box", &b.rect())?;
-        m.serialize_entry("score", &b.score)?;
-        m.serialize_entry("loc", &b.loc)?;
-        if let Some(seg) = &self.segment {
-            m.serialize_entry("codes", &seg.codes)?;
-            match &seg.mask {
-                None => m.serialize_entry("mask", &())?,
-                Some(mask) => {
-                    let rle = serde_json::json!({
-                        "size": [mask.height, mask.width],
-                        "counts": mask.rle(),
-                    });
-                    m.serialize_entry("mask", &rle)?;
-                    m.serialize_entry("mask_box", &mask_box(b.loc, mask.width, mask.height))?;
-                    m.serialize_entry("area", &mask.area())?;
-                }
-            }
-        }
-        m.end()
-    }
-}
-
-impl Located {
-    /// The boxes alone (e.g. to draw them).
-    pub fn boxes(&self) -> Vec<DetectionBox> {
-        self.objects.iter().map(|o| o.bbox.clone()).collect()
-    }
-
-    /// The decoded masks, one per object where there is one.
-    pub fn masks(&self) -> Vec<Option<&Mask>> {
-        self.objects
-            .iter()
-            .map(|o| o.segment.as_ref().and_then(|s| s.mask.as_ref()))
-            .collect()
-    }
-}
-
-/// A result as every front end prints it (`pali … --json`, `pali serve`, the C library): the
-/// result's JSON plus this process's peak memory (`peak_rss_mb`).
-pub fn to_json(result: &impl serde::Serialize) -> serde_json::Value {
-    let mut obj = serde_json::to_value(result).expect("results serialize");
-    obj["peak_rss_mb"] = serde_json::json!(crate::peak_rss_mb());
-    obj
-}
+use super::parse;
+use super::prompt::Task;
+use super::result::{ImageSize, Located, LocatedObject, ObjectMask, TextAnswer};
+use crate::image::RgbImage;
+use crate::mask::mask_box;
+use crate::model::{EncodedImage, Model};
+use crate::options::{FinishReason, GenerateOptions};
+use crate::{Error, Result};
 
 /// Refuses a detect / segment request without a single object name (each entry may hold
 /// several, separated by `;`).
@@ -254,7 +131,7 @@ impl Model {
         let (mut objects, mut warnings) = if segment {
             self.segment_objects(&g.text, size)?
         } else {
-            let d = prompt::parse_detections(&g.text, size.width, size.height);
+            let d = parse::parse_detections(&g.text, size.width, size.height);
             let objects = d
                 .objects
                 .into_iter()
@@ -267,7 +144,7 @@ impl Model {
         };
         if let Some(loc) = self.loc_token() {
             let boxes = objects.iter_mut().map(|o| &mut o.bbox);
-            prompt::score_boxes(boxes, &g.tokens, &g.token_logprobs, loc);
+            parse::score_boxes(boxes, &g.tokens, &g.token_logprobs, loc);
         }
         if g.finish_reason == FinishReason::Length {
             warnings.push(format!(
@@ -293,7 +170,7 @@ impl Model {
         size: ImageSize,
     ) -> Result<(Vec<LocatedObject>, Vec<String>)> {
         let (w, h) = (size.width, size.height);
-        let mut parsed = prompt::parse_segments(text, w, h);
+        let mut parsed = parse::parse_segments(text, w, h);
         let mut objects = Vec::with_capacity(parsed.objects.len());
         for (i, o) in parsed.objects.iter().enumerate() {
             let mask = self

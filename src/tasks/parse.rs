@@ -1,58 +1,6 @@
-//! PaliGemma task prompts (the text between `<bos>` and the `"\n"` separator), and parsing of
-//! the structured answers: [`parse_detections`] (`detect …`) and [`parse_segments`]
-//! (`segment …`).
-
-/// A task the model was trained on, or a raw prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Task {
-    /// `caption <lang>` (short) or `describe <lang>` (long; pt checkpoints).
-    Caption {
-        /// Language code (`en`, `de`, …).
-        lang: String,
-        /// Ask for a long description.
-        long: bool,
-    },
-    /// `answer <lang> <question>`.
-    Ask {
-        #[allow(missing_docs)]
-        lang: String,
-        #[allow(missing_docs)]
-        question: String,
-    },
-    /// `detect a ; b`.
-    Detect(Vec<String>),
-    /// `segment a ; b`.
-    Segment(Vec<String>),
-    /// `ocr`.
-    Ocr,
-    /// Any prompt text as is.
-    Raw(String),
-}
-
-impl Task {
-    /// The prompt text.
-    pub fn prompt(&self) -> String {
-        match self {
-            Task::Caption { lang, long: false } => format!("caption {lang}"),
-            Task::Caption { lang, long: true } => format!("describe {lang}"),
-            Task::Ask { lang, question } => format!("answer {lang} {}", question.trim()),
-            Task::Detect(objs) => format!("detect {}", join_objects(objs)),
-            Task::Segment(objs) => format!("segment {}", join_objects(objs)),
-            Task::Ocr => "ocr".into(),
-            Task::Raw(p) => p.clone(),
-        }
-    }
-}
-
-/// Joins object names with PaliGemma's ` ; ` separator (accepts `cat;dog` or `cat ; dog`).
-fn join_objects(objs: &[String]) -> String {
-    objs.iter()
-        .flat_map(|o| o.split(';'))
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ; ")
-}
+//! The structured answers: `<loc>` boxes ([`parse_detections`]) and `<loc>` + `<seg>`
+//! objects ([`parse_segments`]) in the original image's pixels, their warnings, and each
+//! box's score from its tokens' log-probabilities.
 
 /// `<loc>` tokens per axis: `<loc0000>` … `<loc1023>`.
 pub const LOC_BINS: u16 = 1024;
@@ -422,39 +370,6 @@ fn shorten(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prompts_match_the_training_format() {
-        assert_eq!(
-            Task::Caption {
-                lang: "en".into(),
-                long: false
-            }
-            .prompt(),
-            "caption en"
-        );
-        assert_eq!(
-            Task::Caption {
-                lang: "de".into(),
-                long: true
-            }
-            .prompt(),
-            "describe de"
-        );
-        assert_eq!(
-            Task::Ask {
-                lang: "en".into(),
-                question: " how many? ".into()
-            }
-            .prompt(),
-            "answer en how many?"
-        );
-        assert_eq!(
-            Task::Detect(vec!["cat;dog".into(), " bird ".into()]).prompt(),
-            "detect cat ; dog ; bird"
-        );
-        assert_eq!(Task::Ocr.prompt(), "ocr");
-    }
 
     fn loc(v: impl AsRef<[u16]>) -> String {
         v.as_ref().iter().map(|b| format!("<loc{b:04}>")).collect()

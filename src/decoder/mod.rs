@@ -1,0 +1,17 @@
+//! Stage 3, the decoder: Gemma 2 on llama.cpp. The header checks ([`header`]), loading
+//! ([`Decoder`]), the prefix as one batch of embeddings ([`PrefixBatch`]), generation with
+//! sampling and streamed text.
+
+mod generate;
+mod header;
+mod load;
+mod prefix;
+mod sampling;
+mod stream;
+
+pub use generate::{DecodeOptions, Generated};
+pub use header::DecoderFacts;
+pub use load::{
+    Decoder, DecoderOptions, SlidingWindow, FLASH_ATTN_AUTO_TOKENS, FULL_ATTENTION_WINDOW,
+};
+pub use prefix::PrefixBatch;

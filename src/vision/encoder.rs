@@ -1,0 +1,109 @@
+//! [`VisionEncoder`]: the SigLIP tower and the projector loaded from an mmproj GGUF onto a
+//! ggml backend, turning preprocessed pixels into image features.
+
+use super::config::{AttentionKernel, VisionConfig, VisionPrecision};
+use super::graph;
+use crate::{Error, Result};
+use pali_ggml::gguf::GgufFile;
+use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
+use std::path::Path;
+
+/// Which output [`VisionEncoder::encode`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionOutput {
+    /// The tower's output after the final LayerNorm, `[n_tokens][width]`.
+    Tower,
+    /// The projector's output, `[n_tokens][projection_dim]` (what HF calls image features
+    /// before its division by √hidden).
+    Projected,
+}
+
+/// The SigLIP tower + projector, loaded from an mmproj GGUF.
+pub struct VisionEncoder {
+    cfg: VisionConfig,
+    weights: Weights,
+    backend: Backend,
+    attention: AttentionKernel,
+    precision: VisionPrecision,
+}
+
+impl VisionEncoder {
+    /// Loads an mmproj file onto the CPU (or the GPU when `gpu`).
+    pub fn load(path: &Path, gpu: bool, threads: i32) -> Result<Self> {
+        let cfg = VisionConfig::from_gguf(&GgufFile::open(path)?)?;
+        let backend = Backend::new(gpu, threads)?;
+        let weights = Weights::load(path, &backend)?;
+        let enc = VisionEncoder {
+            cfg,
+            weights,
+            backend,
+            attention: AttentionKernel::Auto,
+            precision: VisionPrecision::Auto,
+        };
+        enc.cfg.check_tensors(enc.weights.file())?;
+        Ok(enc)
+    }
+
+    /// The settings read from the file.
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// Chooses the attention computation (the default, `Auto`, is the fastest the backend
+    /// can run; `Plain` is what a backend without a fused kernel for the shape gets).
+    pub fn set_attention(&mut self, kernel: AttentionKernel) {
+        self.attention = kernel;
+    }
+
+    /// Chooses the compute precision (default `Auto`, see [`VisionPrecision::Auto`]).
+    ///
+    /// F16 on a Vulkan device is an error: on lavapipe ggml-vulkan wrote outside its buffers
+    /// in that mode (F16 matmuls over the fixtures' 16-token images, and flash attention over
+    /// 49 keys), corrupting the heap, and no real Vulkan GPU has been checked.
+    pub fn set_precision(&mut self, precision: VisionPrecision) -> Result<()> {
+        let backend = self.backend.name();
+        if precision == VisionPrecision::F16 && backend.starts_with("Vulkan") {
+            return Err(Error::Model(format!(
+                "vision precision f16 is not available on {backend}: ggml-vulkan corrupted \
+                 memory in that mode in pali's tests; use f32 (the default)"
+            )));
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// The precision the tower computes in (`Auto` resolved for this backend).
+    pub fn precision(&self) -> VisionPrecision {
+        match self.precision {
+            VisionPrecision::Auto => VisionPrecision::F32,
+            p => p,
+        }
+    }
+
+    /// Name of the backend the tower runs on.
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// Runs the tower (and projector) on preprocessed CHW pixels `[3][R][R]`.
+    pub fn encode(&self, pixels: &[f32], output: VisionOutput) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        if pixels.len() != 3 * c.image_size * c.image_size {
+            return Err(Error::Model(format!(
+                "expected {}x{} pixels, got {} values",
+                c.image_size,
+                c.image_size,
+                pixels.len()
+            )));
+        }
+        let g = Graph::new(&self.weights);
+        let fused =
+            |t: Tensor<'_>| self.attention == AttentionKernel::Auto && g.supports(t, &self.backend);
+        let x = graph::tower(&g, c, graph::patchify(c, pixels), self.precision(), &fused)?;
+        let out = match output {
+            VisionOutput::Tower => x,
+            VisionOutput::Projected => graph::project(&g, x)?,
+        };
+        Ok(g.compute(out, &self.backend)?)
+    }
+}
