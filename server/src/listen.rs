@@ -1,7 +1,7 @@
 //! The accept loop (hyper's HTTP/1.1 with a header timeout, at most `--max-connections`
 //! at once) and the shutdown signal.
 
-use crate::Config;
+use crate::config::Config;
 use axum::Router;
 use std::future::Future;
 use std::sync::Arc;

@@ -1,9 +1,9 @@
 //! What the handlers share: the engine once loaded, the settings, the counters and the
 //! bookkeeping of admission ([`crate::admit`]).
 
+use crate::config::Config;
 use crate::engine::{Stages, Usage};
 use crate::metrics::Metrics;
-use crate::Config;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, OnceLock};
