@@ -165,7 +165,7 @@ pub fn gguf_mmproj(data: &[u8]) {
 
 /// A decoder file: probe and load it as `-m` does, then generate two tokens after a prefix.
 pub fn gguf_decoder(data: &[u8]) {
-    use pali::decoder::{DecodeOptions, Decoder, DecoderOptions};
+    use pali::decoder::{Decoder, DecoderOptions};
     let path = scratch("decoder.gguf", &edit(base(DEMO_DECODER), data));
     if pali::decoder::Decoder::probe(&path).is_err() {
         return;
@@ -183,17 +183,13 @@ pub fn gguf_decoder(data: &[u8]) {
     let Ok(prefix) = dec.prefix(&features, "caption en") else {
         return;
     };
-    let decode = DecodeOptions {
-        threads: 1,
-        flash_attn: None,
-        kv_type: Default::default(),
-        max_ctx: 0,
-        ignore_eos: false,
+    let opts = pali::GenerateOptions {
+        n_predict: 2,
         logprobs: true,
         stop: vec!["\n".into()],
-        cancel: None,
+        ..Default::default()
     };
-    let _ = dec.generate(prefix, 2, &Default::default(), &decode, &mut |_| {});
+    let _ = dec.generate(prefix, &opts, 1, &mut |_| {});
 }
 
 /// A mask decoder file: load it as `--vae` does, then decode one mask.

@@ -46,16 +46,16 @@ pub mod system;
 pub mod tasks;
 pub mod vision;
 
-pub use decoder::SlidingWindow;
+pub use decoder::{Generation, SlidingWindow};
 pub use error::{Error, Result};
-pub use image::{RgbImage, MAX_IMAGE_PIXELS};
+pub use image::{ImageSize, RgbImage, MAX_IMAGE_PIXELS};
 pub use mask::{Mask, MaskDecoder};
-pub use model::{EncodedImage, Generation, LoadOptions, LowMem, Model, ModelPaths};
+pub use model::{EncodedImage, LoadOptions, LowMem, Model, ModelPaths};
 pub use options::{CancelFlag, FinishReason, GenerateOptions, Sampling, Timings};
 pub use pali_ggml::llama::KvCacheType;
 pub use system::{default_threads, no_gpu_notice, peak_rss_mb, total_ram_bytes, MemoryUse};
 pub use tasks::{
-    parse_detections, parse_segments, DetectionBox, Detections, ImageSize, Located, LocatedObject,
+    parse_detections, parse_segments, Answer, DetectionBox, Detections, Located, LocatedObject,
     ObjectMask, SegmentObject, Segments, Task, TextAnswer,
 };
 pub use vision::VisionPrecision;

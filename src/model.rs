@@ -2,10 +2,10 @@
 //! `--low-mem`'s load-on-demand, and the two halves of a generation: the image through the
 //! vision tower, then the prefix through the decoder.
 
-use crate::decoder::{DecodeOptions, Decoder, DecoderOptions, PrefixBatch, SlidingWindow};
-use crate::image::{preprocess, PreprocessConfig, RgbImage};
+use crate::decoder::{Decoder, DecoderOptions, Generation, PrefixBatch, SlidingWindow};
+use crate::image::{preprocess, ImageSize, PreprocessConfig, RgbImage};
 use crate::mask::MaskDecoder;
-use crate::options::{FinishReason, GenerateOptions, Timings};
+use crate::options::GenerateOptions;
 use crate::system::{default_threads, no_gpu_notice, total_ram_bytes};
 use crate::vision::{VisionEncoder, VisionOutput, VisionPrecision};
 use crate::{Error, Result};
@@ -156,28 +156,13 @@ impl LowMem {
     }
 }
 
-/// A finished generation.
-#[derive(Debug, Clone)]
-pub struct Generation {
-    /// The generated text (special tokens dropped, `<loc>`/`<seg>` kept).
-    pub text: String,
-    /// Generated token ids.
-    pub tokens: Vec<u32>,
-    /// Logits of the first generated position, over the real vocabulary.
-    pub first_logits: Vec<f32>,
-    /// With [`GenerateOptions::logprobs`]: each token's log-probability (else empty).
-    pub token_logprobs: Vec<f32>,
-    /// Why generation ended.
-    pub finish_reason: FinishReason,
-    /// Timings.
-    pub timings: Timings,
-}
-
 /// An image preprocessed and encoded by the vision tower ([`Model::encode_image`]).
 #[derive(Debug, Clone)]
 pub struct EncodedImage {
     /// Projected image features `[n_tokens][hidden]`.
     pub features: Vec<f32>,
+    /// The original image's size (the frame of detected boxes).
+    pub size: ImageSize,
     #[allow(missing_docs)]
     pub preprocess_ms: f64,
     #[allow(missing_docs)]
@@ -382,7 +367,9 @@ impl Model {
         &self.vision_backend
     }
 
-    /// Runs `f` on the decoder (loaded first in low-memory mode).
+    /// Runs `f` on the decoder (loaded first in low-memory mode): for tests and tools that
+    /// work on the decoder itself.
+    #[doc(hidden)]
     pub fn with_decoder<R>(&self, f: impl FnOnce(&Decoder) -> Result<R>) -> Result<R> {
         if self.low_mem {
             self.vision.release();
@@ -393,6 +380,7 @@ impl Model {
     /// Runs `f` on the vision tower (loaded first in low-memory mode, after dropping the
     /// decoder; it stays loaded until the decoder is needed, so that a group of images is
     /// encoded with one load, see [`Model::images_per_group`]).
+    #[doc(hidden)]
     pub fn with_vision<R>(&self, f: impl FnOnce(&VisionEncoder) -> Result<R>) -> Result<R> {
         if self.low_mem {
             self.decoder.release();
@@ -430,12 +418,6 @@ impl Model {
         &self.preprocess
     }
 
-    /// Projected image features `[n_tokens][hidden]` for an image.
-    pub fn image_features(&self, image: &RgbImage) -> Result<Vec<f32>> {
-        let pixels = preprocess::preprocess(image, &self.preprocess);
-        self.with_vision(|v| v.encode(&pixels, VisionOutput::Projected))
-    }
-
     /// Runs `prompt` on `image`; `on_text` receives the output as it is generated.
     pub fn generate(
         &self,
@@ -457,6 +439,7 @@ impl Model {
         let features = self.with_vision(|v| v.encode(&pixels, VisionOutput::Projected))?;
         Ok(EncodedImage {
             features,
+            size: image.size(),
             preprocess_ms,
             vision_ms: ms(t1),
         })
@@ -476,24 +459,13 @@ impl Model {
             features,
             preprocess_ms,
             vision_ms,
+            ..
         } = image;
         let prefix = move |d: &Decoder| d.prefix(&features, prompt);
         let mut g = self.decode_prefix(prefix, opts, on_text)?;
         g.timings.preprocess_ms = preprocess_ms;
         g.timings.vision_ms = vision_ms;
         Ok(g)
-    }
-
-    /// Like [`Model::generate`], from image features already computed with
-    /// [`Model::image_features`] (e.g. to ask several questions about one image).
-    pub fn generate_from_features(
-        &self,
-        features: &[f32],
-        prompt: &str,
-        opts: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generation> {
-        self.decode_prefix(|d: &Decoder| d.prefix(features, prompt), opts, on_text)
     }
 
     /// Builds the prefix with `make_prefix` and generates from it.
@@ -503,45 +475,11 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let (n_prefix, g) = self.with_decoder(|decoder| {
-            let prefix = make_prefix(decoder)?;
-            let dopts = DecodeOptions {
-                threads: self.threads,
-                flash_attn: opts.flash_attn,
-                kv_type: opts.kv_type,
-                max_ctx: opts.max_ctx,
-                ignore_eos: opts.ignore_eos,
-                logprobs: opts.logprobs,
-                stop: opts.stop.clone(),
-                cancel: opts.cancel.clone(),
-            };
-            let n_prefix = prefix.len();
-            let g = decoder.generate(prefix, opts.n_predict, &opts.sampling, &dopts, on_text)?;
-            Ok((n_prefix, g))
+        let mut g = self.with_decoder(|decoder| {
+            decoder.generate(make_prefix(decoder)?, opts, self.threads, on_text)
         })?;
-        let n_gen = g.tokens.len();
-        let timings = Timings {
-            load_ms: self.load_ms,
-            prefill_ms: g.prefill_ms,
-            memory_after_prefill: g.memory_after_prefill,
-            decode_ms: g.decode_ms,
-            n_prefix,
-            n_gen,
-            decode_tok_s: if g.decode_ms > 0.0 {
-                g.decode_steps as f64 / (g.decode_ms / 1e3)
-            } else {
-                0.0
-            },
-            ..Default::default()
-        };
-        Ok(Generation {
-            text: g.text,
-            tokens: g.tokens,
-            first_logits: g.first_logits,
-            token_logprobs: g.token_logprobs,
-            finish_reason: g.finish_reason,
-            timings,
-        })
+        g.timings.load_ms = self.load_ms;
+        Ok(g)
     }
 }
 

@@ -360,7 +360,7 @@ fn prefix_ids_match_hf_processor() {
 fn reusing_image_features_matches_generate() {
     let m = model("tiny-224", FileType::F16, FileType::F16);
     let image = load_image(&image_path("tall"), pali::MAX_IMAGE_PIXELS).unwrap();
-    let features = m.image_features(&image).unwrap();
+    let encoded = m.encode_image(&image).unwrap();
     let opts = GenerateOptions {
         n_predict: 6,
         ..Default::default()
@@ -368,7 +368,7 @@ fn reusing_image_features_matches_generate() {
     for prompt in ["caption en", "answer en what is this?"] {
         let a = m.generate(&image, prompt, &opts, &mut |_| {}).unwrap();
         let b = m
-            .generate_from_features(&features, prompt, &opts, &mut |_| {})
+            .generate_encoded(encoded.clone(), prompt, &opts, &mut |_| {})
             .unwrap();
         assert_eq!(a.tokens, b.tokens);
         assert_eq!(a.first_logits, b.first_logits);

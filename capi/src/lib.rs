@@ -436,16 +436,10 @@ fn run_task(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<serde_json::Value, Failure> {
     let need_text = |what: &str| text.ok_or_else(|| invalid(format!("text is NULL: give {what}")));
+    let objects = || need_text("the object names, e.g. \"cat ; dog\"").map(|t| vec![t.to_string()]);
     let t = match task {
-        PALI_TASK_DETECT | PALI_TASK_SEGMENT => {
-            let objects = [need_text("the object names, e.g. \"cat ; dog\"")?];
-            let found = if task == PALI_TASK_DETECT {
-                model.detect(img, &objects, opts)?
-            } else {
-                model.segment(img, &objects, opts)?
-            };
-            return Ok(pali::tasks::to_json(&found));
-        }
+        PALI_TASK_DETECT => pali::Task::Detect(objects()?),
+        PALI_TASK_SEGMENT => pali::Task::Segment(objects()?),
         PALI_TASK_CAPTION => pali::Task::Caption {
             lang: text.unwrap_or("en").into(),
             long: false,
@@ -458,7 +452,7 @@ fn run_task(
         PALI_TASK_PROMPT => pali::Task::Raw(need_text("the prompt")?.into()),
         other => return Err(invalid(format!("task {other} is not a PALI_TASK_* value"))),
     };
-    Ok(pali::tasks::to_json(&model.answer(img, &t, opts, on_text)?))
+    Ok(pali::tasks::to_json(&model.run(img, &t, opts, on_text)?))
 }
 
 /// Frees a string returned by libpali (NULL is ignored).

@@ -5,69 +5,41 @@ use super::load::{Decoder, SlidingWindow, FLASH_ATTN_AUTO_TOKENS, FULL_ATTENTION
 use super::prefix::PrefixBatch;
 use super::sampling::{log_softmax_at, sample, SplitMix64};
 use super::stream::{Detokenizer, TextStream};
-use crate::options::{CancelFlag, FinishReason, Sampling};
+use crate::options::{FinishReason, GenerateOptions, Timings};
 use crate::{Error, Result};
-use pali_ggml::llama::{ContextParams, KvCacheType, LlamaContext};
+use pali_ggml::llama::{ContextParams, LlamaContext};
 
-/// Per-request decoding options.
-#[derive(Debug, Clone)]
-pub struct DecodeOptions {
-    /// Threads.
-    pub threads: i32,
-    /// Flash attention in the decoder (`None` = automatic, see [`FLASH_ATTN_AUTO_TOKENS`]).
-    pub flash_attn: Option<bool>,
-    /// KV cache type (quantized types turn flash attention on).
-    pub kv_type: KvCacheType,
-    /// Largest context allowed (`-c`); 0 = prefix + n_predict.
-    pub max_ctx: usize,
-    /// Do not stop at `<eos>` (benchmarks generate exactly `n_predict` tokens).
-    pub ignore_eos: bool,
-    /// Record each generated token's log-probability (one pass over the logits per token).
-    pub logprobs: bool,
-    /// Stop sequences: generation ends where the text first contains one, and the text
-    /// ends just before it (OpenAI's `stop`).
-    pub stop: Vec<String>,
-    /// Checked before the prefix and after every token: once set, generation ends with
-    /// [`Error::Cancelled`].
-    pub cancel: Option<CancelFlag>,
-}
-
-/// What a generation produced.
+/// A finished generation: the decoder's output, with where the time went.
 #[derive(Debug, Clone, Default)]
-pub struct Generated {
+pub struct Generation {
+    /// The generated text (special tokens dropped, `<loc>`/`<seg>` kept).
+    pub text: String,
     /// Generated token ids (without the stop token).
     pub tokens: Vec<u32>,
-    /// Decoded text.
-    pub text: String,
-    /// Logits of the first generated position (masked to the real vocabulary).
+    /// Logits of the first generated position, over the real vocabulary.
     pub first_logits: Vec<f32>,
-    /// Prefix decode time.
-    pub prefill_ms: f64,
-    /// Resident memory right after the prefix was decoded.
-    pub memory_after_prefill: Option<crate::MemoryUse>,
-    /// Token-by-token phase: sampling every token, and one llama.cpp decode per token
-    /// after the first (whose logits come from the prefix).
-    pub decode_ms: f64,
-    /// Single-token llama.cpp decodes in `decode_ms`.
-    pub decode_steps: usize,
-    /// With [`DecodeOptions::logprobs`]: each generated token's log-probability under the
+    /// With [`GenerateOptions::logprobs`]: each generated token's log-probability under the
     /// model (softmax of its logits over the real vocabulary, before any temperature).
     pub token_logprobs: Vec<f32>,
     /// Why generation ended.
     pub finish_reason: FinishReason,
+    /// Timings: the decoder's own here; [`crate::Model`] adds loading, preprocessing and
+    /// vision.
+    pub timings: Timings,
 }
 
 impl Decoder {
-    /// Decodes the prefix in one non-causal batch and generates up to `n_predict` tokens.
-    /// The prefix is consumed: its rows are freed once llama.cpp has copied them.
+    /// Decodes the prefix in one non-causal batch on `threads` CPU threads and generates up
+    /// to `opts.n_predict` tokens. The prefix is consumed: its rows are freed once llama.cpp
+    /// has copied them.
     pub fn generate(
         &self,
         prefix: PrefixBatch,
-        n_predict: usize,
-        sampling: &Sampling,
-        opts: &DecodeOptions,
+        opts: &GenerateOptions,
+        threads: i32,
         on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generated> {
+    ) -> Result<Generation> {
+        let (n_predict, sampling) = (opts.n_predict, &opts.sampling);
         let cancelled = || {
             opts.cancel
                 .as_ref()
@@ -92,8 +64,8 @@ impl Decoder {
         let params = ContextParams {
             n_ctx: need.next_multiple_of(256) as u32,
             n_batch: n as u32,
-            threads: opts.threads,
-            threads_batch: opts.threads,
+            threads,
+            threads_batch: threads,
             flash_attn: opts.flash_attn.unwrap_or(n > FLASH_ATTN_AUTO_TOKENS),
             kv_type: opts.kv_type,
             op_offload: self.offloaded,
@@ -113,12 +85,11 @@ impl Decoder {
         }
         let t1 = std::time::Instant::now();
         let mut rng = SplitMix64(sampling.seed);
-        let mut out = Generated {
-            prefill_ms,
-            memory_after_prefill,
+        let mut out = Generation {
             finish_reason: FinishReason::Length,
             ..Default::default()
         };
+        let mut decode_steps = 0usize;
         let mut stream = TextStream::new(&opts.stop);
         let mut detok = Detokenizer::default();
         for step in 0..n_predict {
@@ -145,7 +116,7 @@ impl Decoder {
             }
             if step + 1 < n_predict {
                 ctx.decode_token(tok as i32, (n + step) as i32)?;
-                out.decode_steps += 1;
+                decode_steps += 1;
             }
         }
         out.text = if out.finish_reason == FinishReason::Stop && stream.hit {
@@ -160,7 +131,20 @@ impl Decoder {
                 .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
             stream.finish_with(full, on_text)
         };
-        out.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        out.timings = Timings {
+            prefill_ms,
+            memory_after_prefill,
+            decode_ms,
+            n_prefix: n,
+            n_gen: out.tokens.len(),
+            decode_tok_s: if decode_ms > 0.0 {
+                decode_steps as f64 / (decode_ms / 1e3)
+            } else {
+                0.0
+            },
+            ..Default::default()
+        };
         Ok(out)
     }
 }

@@ -9,7 +9,7 @@ mod prefix;
 mod sampling;
 mod stream;
 
-pub use generate::{DecodeOptions, Generated};
+pub use generate::Generation;
 pub use header::DecoderFacts;
 pub use load::{
     Decoder, DecoderOptions, SlidingWindow, FLASH_ATTN_AUTO_TOKENS, FULL_ATTENTION_WINDOW,

@@ -9,7 +9,7 @@ mod rgb;
 
 pub use decode::{decode_image, load_image, AlphaMode, ImageError, MAX_IMAGE_PIXELS};
 pub use preprocess::{preprocess, PreprocessConfig};
-pub use rgb::RgbImage;
+pub use rgb::{ImageSize, RgbImage};
 
 #[cfg(test)]
 mod tests;

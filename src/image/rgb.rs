@@ -23,3 +23,22 @@ impl RgbImage {
         })
     }
 }
+
+/// An image's size in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ImageSize {
+    #[allow(missing_docs)]
+    pub width: u32,
+    #[allow(missing_docs)]
+    pub height: u32,
+}
+
+impl RgbImage {
+    /// The image's size.
+    pub fn size(&self) -> ImageSize {
+        ImageSize {
+            width: self.width,
+            height: self.height,
+        }
+    }
+}

@@ -29,6 +29,14 @@ pub enum Task {
 }
 
 impl Task {
+    /// Refuses a task that cannot run: a detect / segment task without a single object name.
+    pub fn check(&self) -> crate::Result<()> {
+        match self {
+            Task::Detect(objects) | Task::Segment(objects) => check_objects(objects),
+            _ => Ok(()),
+        }
+    }
+
     /// The prompt text.
     pub fn prompt(&self) -> String {
         match self {
@@ -41,6 +49,21 @@ impl Task {
             Task::Raw(p) => p.clone(),
         }
     }
+}
+
+/// Refuses a detect / segment request without a single object name (each entry may hold
+/// several, separated by `;`).
+pub fn check_objects(objects: &[impl AsRef<str>]) -> crate::Result<()> {
+    if objects
+        .iter()
+        .flat_map(|o| o.as_ref().split(';'))
+        .all(|o| o.trim().is_empty())
+    {
+        return Err(crate::Error::Prompt(
+            "no object names given (e.g. \"cat ; dog\")".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Joins object names with PaliGemma's ` ; ` separator (accepts `cat;dog` or `cat ; dog`).

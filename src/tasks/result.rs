@@ -3,18 +3,21 @@
 //! hands out ([`to_json`]).
 
 use super::parse::{DetectionBox, SEG_TOKENS};
+use crate::decoder::Generation;
+use crate::image::ImageSize;
 use crate::mask::{mask_box, Mask};
-use crate::model::Generation;
 use crate::options::{FinishReason, Timings};
 use serde::ser::{SerializeMap, Serializer};
 
-/// An image's size in pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ImageSize {
-    #[allow(missing_docs)]
-    pub width: u32,
-    #[allow(missing_docs)]
-    pub height: u32,
+/// What [`crate::Model::run`] returns: a text answer, or the objects of a detect / segment
+/// task. Serializes as the one it holds.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// Captions, answers, OCR, any prompt.
+    Text(TextAnswer),
+    /// Detect and segment.
+    Located(Located),
 }
 
 /// The answer to a text task (caption, question, OCR, any prompt).

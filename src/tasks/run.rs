@@ -1,29 +1,21 @@
-//! The tasks as library calls on a [`Model`]: [`Model::caption`], [`Model::ask`],
-//! [`Model::answer`] (any text task), [`Model::detect`] and [`Model::segment`]. Every front
-//! end runs this code.
+//! The tasks as library calls on a [`Model`]: [`Model::run`], the one call every front end
+//! makes (any [`Task`], text or located objects), and the conveniences beside it:
+//! [`Model::caption`], [`Model::ask`], [`Model::answer`] (any task as text),
+//! [`Model::detect`], [`Model::segment`] and [`Model::locate`].
 
 use super::parse;
 use super::prompt::Task;
-use super::result::{ImageSize, Located, LocatedObject, ObjectMask, TextAnswer};
+use super::result::{Answer, Located, LocatedObject, ObjectMask, TextAnswer};
+use crate::image::ImageSize;
 use crate::image::RgbImage;
 use crate::mask::mask_box;
 use crate::model::{EncodedImage, Model};
 use crate::options::{FinishReason, GenerateOptions};
 use crate::{Error, Result};
 
-/// Refuses a detect / segment request without a single object name (each entry may hold
-/// several, separated by `;`).
-pub fn check_objects(objects: &[impl AsRef<str>]) -> Result<()> {
-    if objects
-        .iter()
-        .flat_map(|o| o.as_ref().split(';'))
-        .all(|o| o.trim().is_empty())
-    {
-        return Err(Error::Prompt(
-            "no object names given (e.g. \"cat ; dog\")".into(),
-        ));
-    }
-    Ok(())
+/// The object names of a detect / segment call, as the task holds them.
+fn names(objects: &[impl AsRef<str>]) -> Vec<String> {
+    objects.iter().map(|o| o.as_ref().to_string()).collect()
 }
 
 impl Model {
@@ -56,6 +48,43 @@ impl Model {
         self.answer(image, &task, opts, &mut |_| {})
     }
 
+    /// The one top-level call: runs `task` on `image` — detect and segment tasks as
+    /// located objects ([`Answer::Located`]), every other task as text
+    /// ([`Answer::Text`], streamed to `on_text` as it is generated). What `pali … --json`,
+    /// `pali serve` and the C library's `pali_run` print is this answer's JSON
+    /// ([`crate::tasks::to_json`]).
+    pub fn run(
+        &self,
+        image: &RgbImage,
+        task: &Task,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        task.check()?;
+        self.run_encoded(self.encode_image(image)?, task, opts, on_text)
+    }
+
+    /// [`Model::run`] on an image already through the vision tower
+    /// ([`Model::encode_image`]); its features are freed once the prefix is built.
+    pub fn run_encoded(
+        &self,
+        image: EncodedImage,
+        task: &Task,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        task.check()?;
+        Ok(match task {
+            Task::Detect(_) | Task::Segment(_) => {
+                Answer::Located(self.locate_encoded(image, task, opts)?)
+            }
+            _ => Answer::Text(
+                self.generate_encoded(image, &task.prompt(), opts, on_text)?
+                    .into(),
+            ),
+        })
+    }
+
     /// Runs any task as text (captions, questions, OCR, a raw prompt; a detect prompt gives
     /// its raw `<loc>` answer); `on_text` receives the text as it is generated.
     pub fn answer(
@@ -65,21 +94,7 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<TextAnswer> {
-        self.answer_encoded(self.encode_image(image)?, task, opts, on_text)
-    }
-
-    /// [`Model::answer`] on an image already through the vision tower
-    /// ([`Model::encode_image`]).
-    pub fn answer_encoded(
-        &self,
-        image: EncodedImage,
-        task: &Task,
-        opts: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<TextAnswer> {
-        Ok(self
-            .generate_encoded(image, &task.prompt(), opts, on_text)?
-            .into())
+        Ok(self.generate(image, &task.prompt(), opts, on_text)?.into())
     }
 
     /// Finds objects (`detect a ; b`): boxes in the image's pixels, each scored by the
@@ -90,7 +105,7 @@ impl Model {
         objects: &[impl AsRef<str>],
         opts: &GenerateOptions,
     ) -> Result<Located> {
-        self.locate(image, objects, false, opts)
+        self.locate(image, &Task::Detect(names(objects)), opts)
     }
 
     /// Segments objects (`segment a ; b`): boxes, mask codes and, when the model was loaded
@@ -101,33 +116,39 @@ impl Model {
         objects: &[impl AsRef<str>],
         opts: &GenerateOptions,
     ) -> Result<Located> {
-        self.locate(image, objects, true, opts)
+        self.locate(image, &Task::Segment(names(objects)), opts)
     }
 
-    fn locate(
+    /// Runs a [`Task::Detect`] or [`Task::Segment`] (any other task is an
+    /// [`Error::Prompt`]): the objects in the image's pixels.
+    pub fn locate(&self, image: &RgbImage, task: &Task, opts: &GenerateOptions) -> Result<Located> {
+        task.check()?;
+        self.locate_encoded(self.encode_image(image)?, task, opts)
+    }
+
+    fn locate_encoded(
         &self,
-        image: &RgbImage,
-        objects: &[impl AsRef<str>],
-        segment: bool,
+        image: EncodedImage,
+        task: &Task,
         opts: &GenerateOptions,
     ) -> Result<Located> {
-        check_objects(objects)?;
-        let names: Vec<String> = objects.iter().map(|o| o.as_ref().to_string()).collect();
-        let task = if segment {
-            Task::Segment(names)
-        } else {
-            Task::Detect(names)
+        let segment = match task {
+            Task::Detect(_) => false,
+            Task::Segment(_) => true,
+            other => {
+                return Err(Error::Prompt(format!(
+                    "{:?} is not a detect or segment task",
+                    other.prompt()
+                )))
+            }
         };
         // Scores need each token's log-probability.
         let opts = GenerateOptions {
             logprobs: true,
             ..opts.clone()
         };
-        let g = self.generate(image, &task.prompt(), &opts, &mut |_| {})?;
-        let size = ImageSize {
-            width: image.width,
-            height: image.height,
-        };
+        let size = image.size;
+        let g = self.generate_encoded(image, &task.prompt(), &opts, &mut |_| {})?;
         let (mut objects, mut warnings) = if segment {
             self.segment_objects(&g.text, size)?
         } else {

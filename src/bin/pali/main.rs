@@ -295,8 +295,7 @@ fn main() -> ExitCode {
             model,
         } => run::run_locate(
             &image,
-            objects,
-            false,
+            &Task::Detect(objects),
             run::LocateOutputs {
                 draw: draw.as_deref(),
                 ..Default::default()
@@ -312,8 +311,7 @@ fn main() -> ExitCode {
             model,
         } => run::run_locate(
             &image,
-            objects,
-            true,
+            &Task::Segment(objects),
             run::LocateOutputs {
                 draw: draw.as_deref(),
                 mask_out: mask_out.as_deref(),

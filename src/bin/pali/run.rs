@@ -22,26 +22,21 @@ pub(crate) struct LocateOutputs<'a> {
 /// lines or one JSON object; `--draw` writes the labelled picture, `--mask-out` the masks.
 pub(crate) fn run_locate(
     image: &Path,
-    objects: Vec<String>,
-    segment: bool,
+    task: &Task,
     outs: LocateOutputs<'_>,
     args: &ModelArgs,
 ) -> Result<bool, String> {
+    let segment = matches!(task, Task::Segment(_));
     let paths = model_paths(args, outs.vae, segment)?;
     if outs.mask_out.is_some() && paths.mask_decoder.is_none() {
         return Err("--mask-out needs the mask decoder: pass --vae VAE.gguf (made by `pali convert-vae vae-oid.npz`)".into());
     }
     // Before loading anything: a request without names fails at once.
-    pali::tasks::check_objects(&objects).map_err(|e| e.to_string())?;
+    task.check().map_err(|e| e.to_string())?;
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
     let model = load_model(args, &paths)?;
     let opts = gen_options(args);
-    let found = if segment {
-        model.segment(&img, &objects, &opts)
-    } else {
-        model.detect(&img, &objects, &opts)
-    }
-    .map_err(|e| e.to_string())?;
+    let found = model.locate(&img, task, &opts).map_err(|e| e.to_string())?;
     if args.json {
         let mut obj = pali::tasks::to_json(&found);
         if let Some(p) = outs.draw {
@@ -130,7 +125,7 @@ pub(crate) fn generate_each(
             if stream && many {
                 print!("{}: ", path.display());
             }
-            model.answer_encoded(img, task, &opts, &mut |piece| {
+            model.run_encoded(img, task, &opts, &mut |piece| {
                 if stream {
                     print!("{piece}");
                     let _ = stdout.flush();

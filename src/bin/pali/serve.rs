@@ -109,12 +109,14 @@ impl pali_server::Engine for PaliEngine {
     fn locate(&self, req: LocateRequest) -> Result<LocateResponse, EngineError> {
         let img = image(&req.image)?;
         let opts = self.options(&req.sampling, &req.cancel);
-        let found = if req.segment {
-            self.model.segment(&img, &req.objects, &opts)
-        } else {
-            self.model.detect(&img, &req.objects, &opts)
-        }
-        .map_err(engine_error)?;
+        let task = match req.segment {
+            true => Task::Segment(req.objects),
+            false => Task::Detect(req.objects),
+        };
+        let found = self
+            .model
+            .locate(&img, &task, &opts)
+            .map_err(engine_error)?;
         Ok(LocateResponse {
             usage: Usage {
                 prompt_tokens: found.timings.n_prefix,
