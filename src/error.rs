@@ -10,6 +10,11 @@ pub enum Error {
     /// A model file is missing, of the wrong kind, or inconsistent.
     #[error("{0}")]
     Model(String),
+    /// A per-request option is out of range (the message names the field and its value):
+    /// the CLI exits with status 2, `pali serve` answers 400, the C library returns
+    /// `PALI_ERR_INVALID_ARGUMENT`.
+    #[error("{0}")]
+    InvalidOption(String),
     /// The prompt is unusable.
     #[error("{0}")]
     Prompt(String),

@@ -426,6 +426,7 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        opts.validate()?;
         let encoded = self.encode_image(image)?;
         self.generate_encoded(encoded, prompt, opts, on_text)
     }
@@ -455,6 +456,7 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        opts.validate()?;
         let EncodedImage {
             features,
             preprocess_ms,

@@ -3,6 +3,7 @@
 //! [`Timings`].
 
 use crate::system::MemoryUse;
+use crate::{Error, Result};
 use pali_ggml::llama::KvCacheType;
 
 /// A flag another thread (a server whose client left, a C caller's token callback) sets to
@@ -89,6 +90,124 @@ impl Default for GenerateOptions {
     }
 }
 
+/// Most stop sequences a request may have (OpenAI's limit).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// Highest sampling temperature accepted (OpenAI's range is 0 to 2).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// Per-request settings as a front end receives them, before any check: signed where the
+/// front end's own type is (the C library's `int`s, JSON numbers, the CLI's flags), `None`
+/// for "the default". [`GenerateOptions::apply`] turns them into options with the one set of
+/// rules and messages every front end shares.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestValues {
+    /// Most tokens to generate (`-n`, `max_tokens`).
+    pub n_predict: Option<i64>,
+    /// Largest context (`-c`, `n_ctx`); 0 = what the request needs.
+    pub max_ctx: Option<i64>,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: Option<f32>,
+    /// Top-k (0 = off).
+    pub top_k: Option<i64>,
+    /// Top-p (1 = off).
+    pub top_p: Option<f32>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// Stop sequences (empty ones are dropped); `None` keeps the defaults'.
+    pub stop: Option<Vec<String>>,
+    /// Generate exactly `n_predict` tokens, past `<eos>`.
+    pub ignore_eos: Option<bool>,
+}
+
+impl GenerateOptions {
+    /// These options with `values` applied over them, checked by [`GenerateOptions::validate`]:
+    /// the CLI, `pali serve`, the C library and the Python package build their options
+    /// this way, so a bad value gets the same refusal from each.
+    pub fn apply(&self, values: &RequestValues) -> Result<GenerateOptions> {
+        let count = |name: &str, v: i64, least: i64, what: &str| -> Result<usize> {
+            if v < least {
+                return Err(Error::InvalidOption(format!(
+                    "{name} = {v}: must be {what}"
+                )));
+            }
+            usize::try_from(v).map_err(|_| Error::InvalidOption(format!("{name} = {v}: too large")))
+        };
+        let mut o = self.clone();
+        if let Some(n) = values.n_predict {
+            o.n_predict = count(N_PREDICT, n, 1, "at least 1")?;
+        }
+        if let Some(c) = values.max_ctx {
+            o.max_ctx = count(N_CTX, c, 0, "0 (what the request needs) or more")?;
+        }
+        if let Some(k) = values.top_k {
+            o.sampling.top_k = count(TOP_K, k, 0, "0 (off) or more")?;
+        }
+        if let Some(t) = values.temperature {
+            o.sampling.temperature = t;
+        }
+        if let Some(p) = values.top_p {
+            o.sampling.top_p = p;
+        }
+        if let Some(s) = values.seed {
+            o.sampling.seed = s;
+        }
+        if let Some(stop) = &values.stop {
+            if stop.len() > MAX_STOP_SEQUENCES {
+                return Err(too_many_stops(stop.len()));
+            }
+            o.stop = stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        }
+        if let Some(i) = values.ignore_eos {
+            o.ignore_eos = i;
+        }
+        o.validate()?;
+        Ok(o)
+    }
+
+    /// The one check of per-request options, whichever front end built them (the library
+    /// calls it too before it generates): at least one token to generate, a finite
+    /// temperature from 0 to [`MAX_TEMPERATURE`], `top_p` in (0, 1], at most
+    /// [`MAX_STOP_SEQUENCES`] stop sequences. A refusal is [`Error::InvalidOption`] naming
+    /// the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidOption(m));
+        if self.n_predict < 1 {
+            return bad(format!(
+                "{N_PREDICT} = {}: must be at least 1",
+                self.n_predict
+            ));
+        }
+        let t = self.sampling.temperature;
+        if !(t.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&t)) {
+            return bad(format!(
+                "{TEMPERATURE} = {t}: must be between 0 and {MAX_TEMPERATURE}"
+            ));
+        }
+        let p = self.sampling.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return bad(format!("{TOP_P} = {p}: must be in (0, 1]"));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(too_many_stops(self.stop.len()));
+        }
+        Ok(())
+    }
+}
+
+// The fields' names in messages: the library's name, then the CLI's and the APIs' spellings.
+const N_PREDICT: &str = "n_predict (-n, max_tokens)";
+const N_CTX: &str = "n_ctx (-c, --ctx-size)";
+const TEMPERATURE: &str = "temperature (--temp)";
+const TOP_K: &str = "top_k (--top-k)";
+const TOP_P: &str = "top_p (--top-p)";
+
+fn too_many_stops(n: usize) -> Error {
+    Error::InvalidOption(format!(
+        "stop has {n} sequences: at most {MAX_STOP_SEQUENCES}"
+    ))
+}
+
 /// Where the time went, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
@@ -114,4 +233,90 @@ pub struct Timings {
     /// for the whole prefix, the KV cache and the decoder's weights are all in use: the
     /// peak's make-up.
     pub memory_after_prefill: Option<MemoryUse>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(v: RequestValues) -> String {
+        match GenerateOptions::default().apply(&v) {
+            Err(Error::InvalidOption(m)) => m,
+            other => panic!("{v:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let v = RequestValues::default;
+        let t = |t: f32| RequestValues {
+            temperature: Some(t),
+            ..v()
+        };
+        assert!(refusal(t(-1.0)).starts_with("temperature (--temp) = -1: must be between 0 and 2"));
+        assert!(refusal(t(f32::NAN)).contains("temperature (--temp) = NaN"));
+        assert!(refusal(t(2.5)).contains("= 2.5"));
+        for p in [0.0, 7.0, -0.5, f32::NAN] {
+            let m = refusal(RequestValues {
+                top_p: Some(p),
+                ..v()
+            });
+            assert!(
+                m.starts_with("top_p (--top-p) = ") && m.ends_with("must be in (0, 1]"),
+                "{m}"
+            );
+        }
+        assert_eq!(
+            refusal(RequestValues {
+                top_k: Some(-1),
+                ..v()
+            }),
+            "top_k (--top-k) = -1: must be 0 (off) or more"
+        );
+        for n in [0, -3] {
+            let m = refusal(RequestValues {
+                n_predict: Some(n),
+                ..v()
+            });
+            assert_eq!(
+                m,
+                format!("n_predict (-n, max_tokens) = {n}: must be at least 1")
+            );
+        }
+        assert!(refusal(RequestValues {
+            max_ctx: Some(-1),
+            ..v()
+        })
+        .starts_with("n_ctx (-c, --ctx-size) = -1"));
+        let stop = Some(vec!["a".to_string(); 5]);
+        assert_eq!(
+            refusal(RequestValues { stop, ..v() }),
+            "stop has 5 sequences: at most 4"
+        );
+    }
+
+    #[test]
+    fn good_values_apply_over_the_defaults() {
+        let base = GenerateOptions {
+            n_predict: 9,
+            ..Default::default()
+        };
+        let o = base
+            .apply(&RequestValues {
+                temperature: Some(0.7),
+                top_k: Some(5),
+                stop: Some(vec!["".into(), "x".into()]),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(o.n_predict, 9);
+        assert_eq!((o.sampling.temperature, o.sampling.top_k), (0.7, 5));
+        assert_eq!(o.stop, ["x"]);
+        assert!(GenerateOptions::default().validate().is_ok());
+        let zero = GenerateOptions {
+            n_predict: 0,
+            ..Default::default()
+        };
+        assert!(zero.validate().is_err());
+    }
 }

@@ -292,3 +292,79 @@ fn no_gpu_is_one_line_and_the_cpu() {
         }
     }
 }
+
+/// Bad sampling and length flags are usage errors (status 2) with the library's own message,
+/// the one `pali serve` and the C library give, refused before any model loads.
+#[test]
+fn bad_options_get_the_librarys_refusal() {
+    use pali::options::RequestValues;
+    let img = path_str(&root().join("examples/images/one_shape.png"));
+    let v = RequestValues::default;
+    for (flags, values) in [
+        (
+            vec!["--temp=-1"],
+            RequestValues {
+                temperature: Some(-1.0),
+                ..v()
+            },
+        ),
+        (
+            vec!["--temp", "nan"],
+            RequestValues {
+                temperature: Some(f32::NAN),
+                ..v()
+            },
+        ),
+        (
+            vec!["--top-p=7"],
+            RequestValues {
+                top_p: Some(7.0),
+                ..v()
+            },
+        ),
+        (
+            vec!["--top-k", "-1"],
+            RequestValues {
+                top_k: Some(-1),
+                ..v()
+            },
+        ),
+        (
+            vec!["-n", "0"],
+            RequestValues {
+                n_predict: Some(0),
+                ..v()
+            },
+        ),
+        (
+            vec!["-c", "-1"],
+            RequestValues {
+                max_ctx: Some(-1),
+                ..v()
+            },
+        ),
+    ] {
+        let want = GenerateOptions::default()
+            .apply(&values)
+            .unwrap_err()
+            .to_string();
+        for cmd in [
+            vec!["caption", img.as_str()],
+            vec!["detect", img.as_str(), "triangle"],
+        ] {
+            let mut args = cmd.clone();
+            args.extend(&flags);
+            // A model that does not exist: the options are refused before it is looked at.
+            args.extend([
+                "-m",
+                "/nonexistent/model.gguf",
+                "--mmproj",
+                "/nonexistent/mmproj.gguf",
+            ]);
+            let out = pali_cmd().args(&args).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert_eq!(err.trim(), format!("error: {want}"), "{args:?}");
+        }
+    }
+}

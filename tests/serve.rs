@@ -417,6 +417,88 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     png
 }
 
+/// The library's refusal of a bad option, word for word: what every front end must say.
+fn library_refusal(values: pali::options::RequestValues) -> String {
+    pali::GenerateOptions::default()
+        .apply(&values)
+        .unwrap_err()
+        .to_string()
+}
+
+/// Bad sampling and length options get the library's own refusal as a 400, on chat (whole
+/// and streamed) and on detect, before the request is queued; the server goes on serving.
+#[test]
+fn bad_options_get_the_librarys_refusal() {
+    use pali::options::RequestValues;
+    let server = Server::start(&[]);
+    let img = data_url(&example("two_shapes_small.png"));
+    let v = RequestValues::default;
+    let cases = [
+        (
+            json!({ "temperature": -1.0 }),
+            RequestValues {
+                temperature: Some(-1.0),
+                ..v()
+            },
+        ),
+        (
+            json!({ "top_p": 7.0 }),
+            RequestValues {
+                top_p: Some(7.0),
+                ..v()
+            },
+        ),
+        (
+            json!({ "top_k": -1 }),
+            RequestValues {
+                top_k: Some(-1),
+                ..v()
+            },
+        ),
+        (
+            json!({ "max_tokens": 0 }),
+            RequestValues {
+                n_predict: Some(0),
+                ..v()
+            },
+        ),
+        (
+            json!({ "stop": ["a", "b", "c", "d", "e"] }),
+            RequestValues {
+                stop: Some(vec!["a".into(); 5]),
+                ..v()
+            },
+        ),
+    ];
+    for (extra, values) in cases {
+        let want = library_refusal(values);
+        for stream in [false, true] {
+            let mut extra = extra.clone();
+            extra["stream"] = json!(stream);
+            let r = server.post("/v1/chat/completions", &chat("caption en", &[&img], extra));
+            r.assert_error(400, "invalid_request", &want);
+        }
+    }
+    let r = server.post(
+        "/v1/detect",
+        &json!({ "image": img, "objects": ["circle"], "max_tokens": 0 }),
+    );
+    r.assert_error(
+        400,
+        "invalid_request",
+        &library_refusal(RequestValues {
+            n_predict: Some(0),
+            ..v()
+        }),
+    );
+    let ok = server.post(
+        "/v1/chat/completions",
+        &chat("caption en", &[&img], json!({})),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    server.stop();
+}
+
 #[test]
 fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let server = Server::start(&[]);

@@ -127,6 +127,7 @@ impl From<pali::Error> for Failure {
     fn from(e: pali::Error) -> Self {
         let status = match &e {
             pali::Error::Image(_) => PALI_ERR_IMAGE,
+            pali::Error::InvalidOption(_) => PALI_ERR_INVALID_ARGUMENT,
             pali::Error::Prompt(_) | pali::Error::ContextLength(_) => PALI_ERR_PROMPT,
             pali::Error::Io(_) => PALI_ERR_IO,
             pali::Error::Model(_) | pali::Error::Ggml(_) => PALI_ERR_MODEL,
@@ -406,23 +407,19 @@ fn generate_options(
     p: &pali_generate_params,
     cancel: &Arc<AtomicBool>,
 ) -> Result<pali::GenerateOptions, Failure> {
-    if p.n_predict < 1 || p.n_ctx < 0 || p.top_k < 0 {
-        return Err(invalid(format!(
-            "params: n_predict {} must be >= 1, n_ctx {} and top_k {} >= 0",
-            p.n_predict, p.n_ctx, p.top_k
-        )));
-    }
-    Ok(pali::GenerateOptions {
-        n_predict: p.n_predict as usize,
-        max_ctx: p.n_ctx as usize,
-        sampling: pali::Sampling {
-            temperature: p.temperature,
-            top_k: p.top_k as usize,
-            top_p: p.top_p,
-            seed: p.seed,
-        },
-        cancel: Some(cancel.clone()),
+    // The library's one validation: the CLI's and the server's rules and messages.
+    let values = pali::options::RequestValues {
+        n_predict: Some(p.n_predict.into()),
+        max_ctx: Some(p.n_ctx.into()),
+        temperature: Some(p.temperature),
+        top_k: Some(p.top_k.into()),
+        top_p: Some(p.top_p),
+        seed: Some(p.seed),
         ..Default::default()
+    };
+    Ok(pali::GenerateOptions {
+        cancel: Some(cancel.clone()),
+        ..pali::GenerateOptions::default().apply(&values)?
     })
 }
 

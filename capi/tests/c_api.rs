@@ -150,7 +150,11 @@ fn bad_input_through_the_c_api_is_a_status_and_a_message() {
         ("run_bad_task", 1, "task 42"),
         ("run_detect_no_objects", 1, "object names"),
         ("run_prompt_too_long", 5, "ctx"),
-        ("run_bad_params", 1, "n_predict 0"),
+        (
+            "run_bad_params",
+            1,
+            "n_predict (-n, max_tokens) = 0: must be at least 1",
+        ),
         ("run_cancelled", 6, "cancelled"),
     ];
     for (name, status, needle) in cases {
@@ -169,4 +173,44 @@ fn bad_input_through_the_c_api_is_a_status_and_a_message() {
         assert_eq!(v["tokens"], encoded["tokens"], "{name}");
     }
     assert!(out.contains(&format!("version 0 {}", env!("CARGO_PKG_VERSION"))));
+
+    // Bad options: PALI_ERR_INVALID_ARGUMENT with exactly the library's message, the one
+    // the CLI and `pali serve` give for the same value.
+    use pali::options::RequestValues;
+    for (name, values) in [
+        (
+            "run_bad_params",
+            RequestValues {
+                n_predict: Some(0),
+                ..Default::default()
+            },
+        ),
+        (
+            "run_bad_temperature",
+            RequestValues {
+                temperature: Some(-1.0),
+                ..Default::default()
+            },
+        ),
+        (
+            "run_bad_top_p",
+            RequestValues {
+                top_p: Some(7.0),
+                ..Default::default()
+            },
+        ),
+        (
+            "run_bad_top_k",
+            RequestValues {
+                top_k: Some(-1),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let want = pali::GenerateOptions::default()
+            .apply(&values)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(line(name), (1, want), "{name}");
+    }
 }

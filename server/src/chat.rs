@@ -110,53 +110,27 @@ pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiErro
         )));
     }
     let (prompt, image) = prompt_and_image(&req.messages, allow_files)?;
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        Some(m) if m < 1 => {
-            return Err(ApiError::invalid(format!(
-                "max_tokens = {m}: must be at least 1"
-            )))
-        }
-        m => m.map(|m| m as usize),
-    };
-    if let Some(t) = req.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
-        return Err(ApiError::invalid(format!(
-            "temperature = {t}: must be between 0 and 2"
-        )));
-    }
-    if let Some(p) = req.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
-        return Err(ApiError::invalid(format!("top_p = {p}: must be in (0, 1]")));
-    }
-    if let Some(k) = req.top_k.filter(|&k| k < 0) {
-        return Err(ApiError::invalid(format!(
-            "top_k = {k}: must be 0 (off) or more"
-        )));
-    }
+    // Only what the wire itself cannot carry is refused here; the ranges of the values are
+    // the engine's rules (Engine::check_options), shared with its other front ends.
     if let Some(s) = req.seed.filter(|&s| s < 0) {
         return Err(ApiError::invalid(format!(
             "seed = {s}: must not be negative"
         )));
     }
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
-    if stop.len() > 4 {
-        return Err(ApiError::invalid(format!(
-            "stop has {} sequences: at most 4",
-            stop.len()
-        )));
-    }
+    let stop = req.stop.map(|s| match s {
+        Stop::One(s) => vec![s],
+        Stop::Many(v) => v,
+    });
     Ok(ChatJob {
         prompt,
         image,
         sampling: RequestOptions {
-            max_tokens,
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
             temperature: req.temperature,
             top_p: req.top_p,
-            top_k: req.top_k.map(|k| k as usize),
+            top_k: req.top_k,
             seed: req.seed.map(|s| s as u64),
-            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop,
             ignore_eos: req.ignore_eos,
         },
         stream: req.stream,
@@ -313,6 +287,7 @@ async fn chat_response<E: Engine>(
     let body = body_or_error(body, state.config.max_body)?;
     let job = parse(&body, state.config.allow_files.as_deref())?;
     let engine = state.engine.get().ok_or_else(ApiError::loading)?;
+    engine.check_options(&job.sampling)?;
     let rid = ResponseId {
         id: format!(
             "chatcmpl-{:x}{:08x}",
@@ -474,15 +449,8 @@ mod tests {
         let ok = user(serde_json::json!([img, text]));
         for (field, value, needle) in [
             ("n", serde_json::json!(2), "n = 2"),
-            ("max_tokens", serde_json::json!(0), "max_tokens = 0"),
-            ("temperature", serde_json::json!(3.0), "temperature = 3"),
-            ("top_p", serde_json::json!(0.0), "top_p = 0"),
-            (
-                "stop",
-                serde_json::json!(["a", "b", "c", "d", "e"]),
-                "at most 4",
-            ),
             ("seed", serde_json::json!(-1), "seed = -1"),
+            ("top_k", serde_json::json!(1.5), "malformed"),
         ] {
             let mut body = ok.clone();
             body[field] = value;
@@ -495,8 +463,19 @@ mod tests {
         body["stream"] = serde_json::json!(true);
         body["stream_options"] = serde_json::json!({"include_usage": true});
         let j = req(body).unwrap();
-        assert_eq!(j.sampling.stop, ["square"]);
+        assert_eq!(j.sampling.stop, Some(vec!["square".to_string()]));
         assert_eq!(j.sampling.max_tokens, Some(5));
         assert!(j.stream && j.include_usage);
+        // Ranges are the engine's to check (Engine::check_options): passed on as sent.
+        let mut body = ok.clone();
+        body["temperature"] = serde_json::json!(-1.0);
+        body["max_tokens"] = serde_json::json!(0);
+        body["top_k"] = serde_json::json!(-2);
+        let j = req(body).unwrap();
+        assert_eq!(j.sampling.temperature, Some(-1.0));
+        assert_eq!(
+            (j.sampling.max_tokens, j.sampling.top_k),
+            (Some(0), Some(-2))
+        );
     }
 }

@@ -4,22 +4,22 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// The decoding settings a request carries; `None` = the server's defaults (its command
-/// line).
+/// The decoding settings a request carries, as sent (the engine checks them:
+/// [`Engine::check_options`]); `None` = the server's defaults (its command line).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestOptions {
     /// `max_tokens` / `max_completion_tokens`.
-    pub max_tokens: Option<usize>,
+    pub max_tokens: Option<i64>,
     /// 0 = greedy.
     pub temperature: Option<f32>,
     /// Nucleus sampling (1 = off).
     pub top_p: Option<f32>,
     /// Top-k sampling (0 = off; llama-server's extension).
-    pub top_k: Option<usize>,
+    pub top_k: Option<i64>,
     /// Sampling seed.
     pub seed: Option<u64>,
-    /// Stop sequences (at most 4, as OpenAI).
-    pub stop: Vec<String>,
+    /// Stop sequences, `None` when the request has none.
+    pub stop: Option<Vec<String>>,
     /// Generate exactly `max_tokens`, past the end of text (llama-server's `ignore_eos`).
     pub ignore_eos: bool,
 }
@@ -130,6 +130,11 @@ impl EngineError {
 pub trait Engine: Send + Sync + 'static {
     /// The model name shown in `/v1/models` and in responses.
     fn model_id(&self) -> String;
+    /// Refuses a request's options before it is queued (an `InvalidRequest` becomes a
+    /// 400): the engine's own rules, the same every front end of the model applies.
+    fn check_options(&self, _options: &RequestOptions) -> Result<(), EngineError> {
+        Ok(())
+    }
     /// Runs a prompt on an image; `on_text` receives the answer as it grows.
     fn complete(
         &self,

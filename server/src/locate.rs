@@ -43,6 +43,9 @@ async fn locate<E: Engine>(
         } else {
             locate_json(&body, state.config.allow_files.as_deref())?
         };
+        if let Some(engine) = state.engine.get() {
+            engine.check_options(&sampling)?;
+        }
         let cancel = Arc::new(AtomicBool::new(false));
         let req = LocateRequest {
             image,
@@ -133,13 +136,8 @@ async fn locate_form(
 }
 
 fn max_tokens_only(m: Option<i64>) -> Result<RequestOptions, ApiError> {
-    match m {
-        Some(m) if m < 1 => Err(ApiError::invalid(format!(
-            "max_tokens = {m}: must be at least 1"
-        ))),
-        m => Ok(RequestOptions {
-            max_tokens: m.map(|m| m as usize),
-            ..Default::default()
-        }),
-    }
+    Ok(RequestOptions {
+        max_tokens: m,
+        ..Default::default()
+    })
 }

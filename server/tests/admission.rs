@@ -8,7 +8,7 @@
 
 use pali_server::{
     serve, Completion, CompletionRequest, Config, Engine, EngineError, ErrorKind, LocateRequest,
-    LocateResponse, Usage,
+    LocateResponse, RequestOptions, Usage,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -145,6 +145,17 @@ const USAGE: Usage = Usage {
 impl Engine for Fake {
     fn model_id(&self) -> String {
         "fake".into()
+    }
+
+    /// Refuses a negative temperature, as a real engine's rules would.
+    fn check_options(&self, o: &RequestOptions) -> Result<(), EngineError> {
+        match o.temperature {
+            Some(t) if t < 0.0 => Err(EngineError::new(
+                ErrorKind::InvalidRequest,
+                format!("temperature = {t}: refused by the engine"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn complete(
@@ -569,6 +580,32 @@ fn engine_errors_map_to_statuses() {
         found.json(),
         serde_json::json!({ "objects": ["ok"], "segment": true })
     );
+}
+
+/// The engine's option rules refuse a request before it is queued: 400 with the engine's
+/// message, on every endpoint, and the engine never runs it; a full queue does not matter.
+#[test]
+fn options_the_engine_refuses_are_400_before_the_queue() {
+    let (engine, h) = fake();
+    let srv = start_loaded(config(1, 0, None), engine);
+    let mut bad = serde_json::from_str::<serde_json::Value>(&chat("ok")).unwrap();
+    bad["temperature"] = serde_json::json!(-1.0);
+    let addr = srv.addr;
+    let running = std::thread::spawn(move || http(addr, "POST", CHAT, &[], &chat("block")));
+    h.expect(Seen::Started("block".into()));
+    for stream in [false, true] {
+        bad["stream"] = serde_json::json!(stream);
+        let r = srv.post(CHAT, &bad.to_string());
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.error_code(), "invalid_request");
+        assert_eq!(
+            r.json()["error"]["message"],
+            "temperature = -1: refused by the engine"
+        );
+    }
+    h.release();
+    assert_answered(&running.join().unwrap(), "block");
+    assert_eq!(h.calls(), 1);
 }
 
 /// `--api-key`: required on the endpoints that run the model, not on `/health`.

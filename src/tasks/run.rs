@@ -61,6 +61,7 @@ impl Model {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         task.check()?;
+        opts.validate()?;
         self.run_encoded(self.encode_image(image)?, task, opts, on_text)
     }
 
@@ -123,6 +124,7 @@ impl Model {
     /// [`Error::Prompt`]): the objects in the image's pixels.
     pub fn locate(&self, image: &RgbImage, task: &Task, opts: &GenerateOptions) -> Result<Located> {
         task.check()?;
+        opts.validate()?;
         self.locate_encoded(self.encode_image(image)?, task, opts)
     }
 

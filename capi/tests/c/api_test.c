@@ -86,6 +86,15 @@ int main(int argc, char **argv) {
     pali_generate_params zero = gp;
     zero.n_predict = 0;
     CHECK("run_bad_params", pali_run(model, &encoded, PALI_TASK_CAPTION, "en", &zero, NULL, NULL, &json, &error));
+    pali_generate_params cold = gp;
+    cold.temperature = -1.0f;
+    CHECK("run_bad_temperature", pali_run(model, &encoded, PALI_TASK_CAPTION, "en", &cold, NULL, NULL, &json, &error));
+    pali_generate_params wide = gp;
+    wide.top_p = 7.0f;
+    CHECK("run_bad_top_p", pali_run(model, &encoded, PALI_TASK_CAPTION, "en", &wide, NULL, NULL, &json, &error));
+    pali_generate_params negk = gp;
+    negk.top_k = -1;
+    CHECK("run_bad_top_k", pali_run(model, &encoded, PALI_TASK_CAPTION, "en", &negk, NULL, NULL, &json, &error));
     CHECK("run_cancelled", pali_run(model, &encoded, PALI_TASK_CAPTION, "en", &gp, stop_after_two, &tokens_seen, &json, &error));
 
     /* The same pixels as RGB8, packed and with padded rows: the same caption. */

@@ -2,7 +2,8 @@
 //! their translation into the library's load and generate options.
 
 use clap::{Args, ValueEnum};
-use pali::{GenerateOptions, LoadOptions, Model, ModelPaths, Sampling, SlidingWindow};
+use pali::options::RequestValues;
+use pali::{GenerateOptions, LoadOptions, Model, ModelPaths, SlidingWindow};
 use std::path::PathBuf;
 
 /// Model and decoding flags shared by the generation commands (llama.cpp spellings).
@@ -15,22 +16,32 @@ pub(crate) struct ModelArgs {
     #[arg(long)]
     pub(crate) mmproj: Option<PathBuf>,
     /// Maximum tokens to generate.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
-    pub(crate) n_predict: usize,
+    #[arg(
+        short = 'n',
+        long = "n-predict",
+        default_value_t = 64,
+        allow_negative_numbers = true
+    )]
+    pub(crate) n_predict: i64,
     /// Threads (default: available cores).
     #[arg(short = 't', long)]
     pub(crate) threads: Option<i32>,
     /// Largest context in tokens (prefix + generated); 0 = what the request needs.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
-    pub(crate) ctx_size: usize,
+    #[arg(
+        short = 'c',
+        long = "ctx-size",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub(crate) ctx_size: i64,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub(crate) temp: f32,
     /// Top-k sampling (0 = off).
-    #[arg(long = "top-k", default_value_t = 0)]
-    pub(crate) top_k: usize,
+    #[arg(long = "top-k", default_value_t = 0, allow_negative_numbers = true)]
+    pub(crate) top_k: i64,
     /// Top-p (nucleus) sampling (1 = off).
-    #[arg(long = "top-p", default_value_t = 1.0)]
+    #[arg(long = "top-p", default_value_t = 1.0, allow_negative_numbers = true)]
     pub(crate) top_p: f32,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -173,21 +184,25 @@ pub(crate) fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, 
     Ok(model)
 }
 
-pub(crate) fn gen_options(args: &ModelArgs) -> GenerateOptions {
-    GenerateOptions {
-        n_predict: args.n_predict,
-        sampling: Sampling {
-            temperature: args.temp,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-        max_ctx: args.ctx_size,
+/// The generation options of the flags, checked by the library's one validation (the same
+/// rules and messages as `pali serve` and the C library).
+pub(crate) fn gen_options(args: &ModelArgs) -> Result<GenerateOptions, String> {
+    let base = GenerateOptions {
         kv_type: match args.cache_type {
             CacheTypeArg::F16 => pali::KvCacheType::F16,
             CacheTypeArg::Q8_0 => pali::KvCacheType::Q8_0,
             CacheTypeArg::Q4_0 => pali::KvCacheType::Q4_0,
         },
         ..Default::default()
-    }
+    };
+    let values = RequestValues {
+        n_predict: Some(args.n_predict),
+        max_ctx: Some(args.ctx_size),
+        temperature: Some(args.temp),
+        top_k: Some(args.top_k),
+        top_p: Some(args.top_p),
+        seed: Some(args.seed),
+        ..Default::default()
+    };
+    base.apply(&values).map_err(|e| e.to_string())
 }

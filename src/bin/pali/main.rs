@@ -215,6 +215,25 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The model and decoding flags of the commands that have them.
+    fn model_args(&self) -> Option<&ModelArgs> {
+        match self {
+            Command::Caption { model, .. }
+            | Command::Ask { model, .. }
+            | Command::Ocr { model, .. }
+            | Command::Detect { model, .. }
+            | Command::Segment { model, .. }
+            | Command::Run { model, .. }
+            | Command::Bench { model, .. }
+            | Command::Eval { model, .. } => Some(model),
+            #[cfg(feature = "serve")]
+            Command::Serve { model, .. } => Some(model),
+            _ => None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     pali_ggml::default_sigpipe();
     pali_ggml::mapped::install_sigbus_report();
@@ -225,6 +244,12 @@ fn main() -> ExitCode {
     .format_timestamp(None)
     .init();
     let cli = Cli::parse_from(std::env::args_os().map(args::llama_cpp_flag));
+    // A bad sampling or length option is a usage error (status 2, as clap's own), refused
+    // before anything loads, with the library's message.
+    if let Some(Err(e)) = cli.cmd.model_args().map(args::gen_options) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let res: Result<bool, String> = match cli.cmd {
         Command::Convert {
             hf_dir,

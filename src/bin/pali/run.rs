@@ -35,7 +35,7 @@ pub(crate) fn run_locate(
     task.check().map_err(|e| e.to_string())?;
     let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
     let model = load_model(args, &paths)?;
-    let opts = gen_options(args);
+    let opts = gen_options(args)?;
     let found = model.locate(&img, task, &opts).map_err(|e| e.to_string())?;
     if args.json {
         let mut obj = pali::tasks::to_json(&found);
@@ -95,7 +95,7 @@ pub(crate) fn generate_each(
     args: &ModelArgs,
 ) -> Result<bool, String> {
     let model = load_model(args, &model_paths(args, None, false)?)?;
-    let opts = gen_options(args);
+    let opts = gen_options(args)?;
     let many = images.len() > 1;
     let bar = if many && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new(images.len() as u64)
@@ -182,7 +182,7 @@ pub(crate) fn run_bench(
     // Like llama-bench's tg: exactly -n tokens, whatever they are.
     let opts = GenerateOptions {
         ignore_eos: true,
-        ..gen_options(args)
+        ..gen_options(args)?
     };
     let mut rows: Vec<pali::Timings> = Vec::new();
     for i in 0..=runs {
@@ -222,7 +222,7 @@ pub(crate) fn run_eval(set: &Path, args: &ModelArgs) -> Result<(), String> {
     let items = pali::eval::read_set(set).map_err(|e| e.to_string())?;
     let model = load_model(args, &model_paths(args, None, false)?)?;
     let report =
-        pali::eval::evaluate(&model, &items, &gen_options(args)).map_err(|e| e.to_string())?;
+        pali::eval::evaluate(&model, &items, &gen_options(args)?).map_err(|e| e.to_string())?;
     let obj = serde_json::json!({ "set": set.display().to_string(), "tasks": report });
     println!(
         "{}",

@@ -26,7 +26,9 @@ pub struct PaliEngine {
 
 fn engine_error(e: pali::Error) -> EngineError {
     let kind = match &e {
-        pali::Error::Image(_) | pali::Error::Prompt(_) => ErrorKind::InvalidRequest,
+        pali::Error::Image(_) | pali::Error::Prompt(_) | pali::Error::InvalidOption(_) => {
+            ErrorKind::InvalidRequest
+        }
         pali::Error::Cancelled => ErrorKind::Cancelled,
         pali::Error::ContextLength(_) => ErrorKind::ContextLength,
         _ => ErrorKind::Internal,
@@ -51,25 +53,23 @@ fn finish(f: FinishReason) -> &'static str {
 }
 
 impl PaliEngine {
-    /// The request's options over the defaults; the context (`-c`) is enforced by the
-    /// library ([`pali::Error::ContextLength`]).
-    fn options(&self, s: &RequestOptions, cancel: &pali::CancelFlag) -> GenerateOptions {
-        let d = &self.defaults;
-        let n_predict = s.max_tokens.unwrap_or(d.n_predict);
-        GenerateOptions {
-            n_predict,
-            sampling: pali::Sampling {
-                temperature: s.temperature.unwrap_or(d.sampling.temperature),
-                top_k: s.top_k.unwrap_or(d.sampling.top_k),
-                top_p: s.top_p.unwrap_or(d.sampling.top_p),
-                seed: s.seed.unwrap_or(d.sampling.seed),
-            },
-            max_ctx: self.ctx,
-            ignore_eos: s.ignore_eos,
+    /// The request's options over the defaults, checked by the library's one validation
+    /// ([`GenerateOptions::apply`]); the context (`-c`) is enforced by the library
+    /// ([`pali::Error::ContextLength`]).
+    fn options(&self, s: &RequestOptions) -> Result<GenerateOptions, EngineError> {
+        let values = pali::options::RequestValues {
+            n_predict: s.max_tokens,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
             stop: s.stop.clone(),
-            cancel: Some(cancel.clone()),
-            ..d.clone()
-        }
+            ignore_eos: Some(s.ignore_eos),
+            ..Default::default()
+        };
+        let mut o = self.defaults.apply(&values).map_err(engine_error)?;
+        o.max_ctx = self.ctx;
+        Ok(o)
     }
 }
 
@@ -83,13 +83,20 @@ impl pali_server::Engine for PaliEngine {
         self.id.clone()
     }
 
+    fn check_options(&self, options: &RequestOptions) -> Result<(), EngineError> {
+        self.options(options).map(|_| ())
+    }
+
     fn complete(
         &self,
         req: CompletionRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Completion, EngineError> {
         let img = image(&req.image)?;
-        let opts = self.options(&req.sampling, &req.cancel);
+        let opts = GenerateOptions {
+            cancel: Some(req.cancel.clone()),
+            ..self.options(&req.sampling)?
+        };
         let a = self
             .model
             .answer(&img, &Task::Raw(req.prompt), &opts, on_text)
@@ -108,7 +115,10 @@ impl pali_server::Engine for PaliEngine {
 
     fn locate(&self, req: LocateRequest) -> Result<LocateResponse, EngineError> {
         let img = image(&req.image)?;
-        let opts = self.options(&req.sampling, &req.cancel);
+        let opts = GenerateOptions {
+            cancel: Some(req.cancel.clone()),
+            ..self.options(&req.sampling)?
+        };
         let task = match req.segment {
             true => Task::Segment(req.objects),
             false => Task::Detect(req.objects),
@@ -247,12 +257,12 @@ pub(crate) fn run_serve(flags: ServeArgs, mut args: ModelArgs) -> Result<(), Str
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "pali".into());
         let ctx = if args.ctx_size > 0 {
-            args.ctx_size
+            args.ctx_size as usize
         } else {
             model.n_ctx_train()
         };
         Ok(PaliEngine {
-            defaults: gen_options(&args),
+            defaults: gen_options(&args)?,
             model,
             id,
             ctx,
