@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// Box colours, assigned to labels in order of first appearance (then reused cyclically):
 /// saturated, mutually distinct, readable with white or black text.
-pub const PALETTE: [[u8; 3]; 12] = [
+pub(crate) const PALETTE: [[u8; 3]; 12] = [
     [230, 25, 75],  // red
     [60, 180, 75],  // green
     [0, 130, 200],  // blue
@@ -118,7 +118,7 @@ fn pixel_bounds(img: &RgbImage, rect: [f32; 4]) -> [i64; 4] {
 }
 
 /// Outlines `rect` (`[x1, y1, x2, y2]` in pixels) with a `width`-pixel line inside it.
-pub fn draw_box(img: &mut RgbImage, rect: [f32; 4], color: [u8; 3], width: u32) {
+pub(crate) fn draw_box(img: &mut RgbImage, rect: [f32; 4], color: [u8; 3], width: u32) {
     let [x0, y0, x1, y1] = pixel_bounds(img, rect);
     if x1 <= x0 || y1 <= y0 {
         return;
@@ -318,7 +318,7 @@ pub fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
 
 /// The union of `masks` (all of `width` × `height`) as a single-channel 8-bit image, 255
 /// inside any mask and 0 elsewhere, row-major.
-pub fn union_mask(masks: &[&Mask], width: u32, height: u32) -> Vec<u8> {
+pub(crate) fn union_mask(masks: &[&Mask], width: u32, height: u32) -> Vec<u8> {
     let mut out = vec![0u8; width as usize * height as usize];
     for m in masks {
         if (m.width, m.height) != (width, height) {

@@ -27,7 +27,7 @@ pub enum Error {
     /// ggml / llama.cpp errors.
     #[error(transparent)]
     Ggml(#[from] pali_ggml::Error),
-    /// The generation was cancelled ([`GenerateOptions::cancel`]).
+    /// The generation was cancelled ([`crate::GenerateOptions::cancel`]).
     #[error("cancelled")]
     Cancelled,
 }

@@ -71,7 +71,7 @@ pub fn iou(a: &DetectionBox, b: &DetectionBox) -> f64 {
 }
 
 /// IoUs of each expected box with its best unused same-label prediction (greedy, in order).
-pub fn match_boxes(expected: &[DetectionBox], predicted: &[DetectionBox]) -> Vec<f64> {
+pub(crate) fn match_boxes(expected: &[DetectionBox], predicted: &[DetectionBox]) -> Vec<f64> {
     let mut used = vec![false; predicted.len()];
     expected
         .iter()
@@ -95,7 +95,7 @@ pub fn match_boxes(expected: &[DetectionBox], predicted: &[DetectionBox]) -> Vec
 
 /// Accumulates predictions per task.
 #[derive(Debug, Default)]
-pub struct Scorer {
+pub(crate) struct Scorer {
     tasks: BTreeMap<String, (usize, usize, Vec<f64>)>,
 }
 

@@ -50,7 +50,7 @@ pub use decoder::{Generation, SlidingWindow};
 pub use error::{Error, Result};
 pub use image::{ImageSize, RgbImage, MAX_IMAGE_PIXELS};
 pub use mask::{Mask, MaskDecoder};
-pub use model::{EncodedImage, LoadOptions, LowMem, Model, ModelPaths};
+pub use model::{EncodedImage, LoadOptions, Model, ModelPaths};
 pub use options::{CancelFlag, FinishReason, GenerateOptions, Sampling, Timings};
 pub use pali_ggml::llama::KvCacheType;
 pub use system::{default_threads, no_gpu_notice, peak_rss_mb, total_ram_bytes, MemoryUse};

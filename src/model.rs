@@ -113,7 +113,7 @@ pub struct LoadOptions {
     /// needed and dropped after use, and the decoder's weights are used in place from the
     /// memory map (no repacked copies). Peak memory ≈ the decoder file instead of both files
     /// plus copies, for a reload per image and a ~20 % slower prefill. `None`: on when the machine's RAM is less than twice
-    /// the two files plus 1 GiB (see [`LowMem::auto`]).
+    /// the two files plus 1 GiB.
     pub low_mem: Option<bool>,
     /// ggml RPC servers (`host:port`, from `pali rpc-server`) whose devices take a share of
     /// the offloaded decoder layers; the vision tower stays local. No authentication: trusted
@@ -141,12 +141,12 @@ impl Default for LoadOptions {
 }
 
 /// Low-memory mode's automatic choice.
-pub struct LowMem;
+pub(crate) struct LowMem;
 
 impl LowMem {
     /// True when total RAM is below 2 × (decoder + mmproj file sizes) + 1 GiB, e.g. a 3B
     /// Q4_K_M (2.5 GB of files) on a 4 GB Raspberry Pi, or a 10B on an 8 GB Jetson.
-    pub fn auto(paths: &ModelPaths) -> bool {
+    pub(crate) fn auto(paths: &ModelPaths) -> bool {
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let files = size(&paths.decoder) + size(&paths.mmproj);
         match total_ram_bytes() {
@@ -380,8 +380,7 @@ impl Model {
     /// Runs `f` on the vision tower (loaded first in low-memory mode, after dropping the
     /// decoder; it stays loaded until the decoder is needed, so that a group of images is
     /// encoded with one load, see [`Model::images_per_group`]).
-    #[doc(hidden)]
-    pub fn with_vision<R>(&self, f: impl FnOnce(&VisionEncoder) -> Result<R>) -> Result<R> {
+    pub(crate) fn with_vision<R>(&self, f: impl FnOnce(&VisionEncoder) -> Result<R>) -> Result<R> {
         if self.low_mem {
             self.decoder.release();
         }

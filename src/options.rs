@@ -64,7 +64,7 @@ pub struct GenerateOptions {
     pub flash_attn: Option<bool>,
     /// Generate exactly `n_predict` tokens, past `<eos>` (benchmarks).
     pub ignore_eos: bool,
-    /// Record [`Generation::token_logprobs`] (used for detection scores).
+    /// Record [`crate::Generation::token_logprobs`] (used for detection scores).
     pub logprobs: bool,
     /// Stop sequences (OpenAI's `stop`): the text ends just before the first one it
     /// contains.
@@ -211,7 +211,7 @@ fn too_many_stops(n: usize) -> Error {
 /// Where the time went, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
-    /// How long [`Model::load`] took.
+    /// How long [`crate::Model::load`] took.
     pub load_ms: f64,
     #[allow(missing_docs)]
     pub preprocess_ms: f64,

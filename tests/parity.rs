@@ -83,7 +83,12 @@ fn vision_tower_and_projector_match_hf() {
 #[test]
 fn tower_tests_pass_without_blas() {
     let Some(blas) = pali_ggml::blas::library() else {
-        println!("no BLAS in this build: the vision tests ran on ggml's matmuls already");
+        // Builds without OpenBLAS (ARM; x86-64 without libopenblas-dev) ran the vision tests
+        // on ggml's matmuls already.
+        prerequisite_missing(
+            "tower_tests_pass_without_blas",
+            "this build has no OpenBLAS",
+        );
         return;
     };
     println!("this process: {blas}; the child: ggml's matmuls");

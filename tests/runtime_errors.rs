@@ -271,6 +271,7 @@ fn info_backends_lists_the_devices() {
 #[test]
 fn no_gpu_is_one_line_and_the_cpu() {
     if pali_ggml::graph::has_local_gpu() {
+        prerequisite_missing("no_gpu_is_one_line_and_the_cpu", "this machine has a GPU");
         return;
     }
     let img = path_str(&root().join("examples/images/one_shape.png"));

@@ -831,10 +831,15 @@ fn queue_timeout_and_disconnects() {
         server.metric("pali_requests_running") == 0.0
     });
     assert_eq!(server.metric("pali_cancelled_total"), 1.0);
-    assert_eq!(
-        server.post("/v1/chat/completions", &long_request(5)).status,
-        200
-    );
+    // The server goes on: a short request succeeds. Under the other tests' load (their
+    // servers' ggml threads spin on the same 2 cores) one may itself exceed the limit, so a
+    // few tries; a wedged server fails them all.
+    let served = (0..10).any(|_| {
+        let status = server.post("/v1/chat/completions", &long_request(5)).status;
+        assert!(status == 200 || status == 504, "status {status}");
+        status == 200
+    });
+    assert!(served, "no short request succeeded after the timeout");
     server.stop();
 }
 
@@ -847,9 +852,12 @@ fn openai_python_client() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| common::root().join("target/serve-venv/bin/python"));
     if !python.exists() {
-        eprintln!(
-            "openai_python_client: no Python with the openai client ({}); .ci/run makes one",
-            python.display()
+        common::prerequisite_missing(
+            "openai_python_client",
+            &format!(
+                "no Python with the openai client at {} (.ci/run makes one)",
+                python.display()
+            ),
         );
         return;
     }

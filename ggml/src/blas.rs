@@ -13,7 +13,7 @@
 //!
 //! F16 and BF16 weights are widened to F32 a chunk of rows at a time in a per-thread buffer;
 //! activations stay F32 (ggml's F16 matmul would round them to F16). Q8_0 weights stay on
-//! ggml's int8 kernels (see [`supports`]).
+//! ggml's int8 kernels (see `supports`).
 
 use crate::sys;
 use std::ffi::{c_int, c_void};

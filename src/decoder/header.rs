@@ -239,7 +239,7 @@ fn check_for_llama_cpp(path: &Path, f: &GgufFile) -> Result<()> {
 }
 
 /// A decoder file's facts that the rest of the model needs, read without loading its
-/// weights ([`Decoder::probe`]).
+/// weights ([`super::Decoder::probe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecoderFacts {
     /// Hidden size (the width image features must have).

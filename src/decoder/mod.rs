@@ -1,4 +1,4 @@
-//! Stage 3, the decoder: Gemma 2 on llama.cpp. The header checks ([`header`]), loading
+//! Stage 3, the decoder: Gemma 2 on llama.cpp. The header checks (`header.rs`), loading
 //! ([`Decoder`]), the prefix as one batch of embeddings ([`PrefixBatch`]), generation with
 //! sampling and streamed text.
 

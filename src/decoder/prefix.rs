@@ -59,7 +59,7 @@ impl Decoder {
 /// PaliGemma feeds image features to Gemma unscaled, but llama.cpp's gemma2 graph multiplies
 /// every input embedding by √hidden (as it must for text). Dividing by the same f32 constant
 /// first makes the product equal the projector output (HF does the same division).
-pub fn to_decoder_input(features: &mut [f32], hidden: usize) {
+pub(super) fn to_decoder_input(features: &mut [f32], hidden: usize) {
     let s = 1.0 / (hidden as f32).sqrt();
     for v in features.iter_mut() {
         *v *= s;

@@ -1,5 +1,5 @@
 //! Stage 1, images: decoding ([`decode`]), Pillow-exact resampling ([`pillow`]) and the
-//! vision tower's preprocessing ([`preprocess`]), all reproducing Hugging Face's PaliGemma
+//! vision tower's preprocessing ([`preprocess()`]), all reproducing Hugging Face's PaliGemma
 //! input pipeline with the PIL backend; [`RgbImage`] is what every front end passes in.
 
 pub mod decode;

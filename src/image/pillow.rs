@@ -306,6 +306,7 @@ fn resize_nearest(img: &RgbImage, out_w: u32, out_h: u32) -> Vec<u8> {
 /// rounding of the 8-bit intermediate image) changed twice, so results differ
 /// by a few levels between releases when both sides are resized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[doc(hidden)]
 pub enum PillowCompat {
     /// Pillow up to 12.1: always horizontal pass first.
     Legacy,
@@ -349,6 +350,7 @@ pub fn resize_rgb8(img: &RgbImage, width: u32, height: u32, filter: ResampleFilt
 ///
 /// # Panics
 /// As [`resize_rgb8`].
+#[doc(hidden)]
 pub fn resize_rgb8_compat(
     img: &RgbImage,
     width: u32,

@@ -54,7 +54,7 @@ fn rescale_factor_f64(f: f32) -> f64 {
 /// `3 * R * R`. Matches HF's PIL backend with Pillow >= 13 to the last bit.
 ///
 /// # Panics
-/// If `cfg.image_size` is zero or `img` is inconsistent (see [`resize_rgb8`]).
+/// If `cfg.image_size` is zero or `img` is inconsistent (see [`super::pillow::resize_rgb8`]).
 pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
     preprocess_compat(img, cfg, PillowCompat::default())
 }
@@ -63,6 +63,7 @@ pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
 ///
 /// # Panics
 /// As [`preprocess`].
+#[doc(hidden)]
 pub fn preprocess_compat(img: &RgbImage, cfg: &PreprocessConfig, compat: PillowCompat) -> Vec<f32> {
     let r = cfg.image_size;
     let resized = resize_rgb8_compat(img, r, r, cfg.resample, compat);

@@ -10,5 +10,5 @@ mod run;
 pub use parse::{
     parse_detections, parse_segments, DetectionBox, Detections, SegmentObject, Segments,
 };
-pub use prompt::{check_objects, Task};
+pub use prompt::Task;
 pub use result::{to_json, Answer, Located, LocatedObject, ObjectMask, TextAnswer};

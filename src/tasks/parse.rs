@@ -30,7 +30,7 @@ pub struct DetectionBox {
     /// Bottom edge (exclusive, like the image height), pixels of the original image.
     pub y2: f32,
     /// Model confidence, if the caller computed one (the parser leaves it `None`; see
-    /// [`score_boxes`]).
+    /// `score_boxes`).
     pub score: Option<f32>,
     /// The raw bins in the model's order: `[y1, x1, y2, x2]`, each 0..=1023.
     pub loc: [u16; 4],
@@ -59,7 +59,7 @@ impl DetectionBox {
 
 /// Maps bins `[y1, x1, y2, x2]` (0..=1023 on the squashed square image) to
 /// `[x1, y1, x2, y2]` in pixels of a `width` × `height` original: `bin / 1023 · size`.
-pub fn loc_to_pixels(loc: [u16; 4], width: u32, height: u32) -> [f32; 4] {
+pub(crate) fn loc_to_pixels(loc: [u16; 4], width: u32, height: u32) -> [f32; 4] {
     let max = f64::from(LOC_BINS - 1);
     let s = |bin: u16, size: u32| (f64::from(bin) / max * f64::from(size)) as f32;
     [
@@ -85,7 +85,7 @@ pub struct Detections {
 /// `loc_token` the id of `<loc0000>`. Boxes are matched in order to the next run of four
 /// consecutive loc tokens with their bins, so skipped malformed groups do not shift scores;
 /// a box with no such run keeps `None`.
-pub fn score_boxes<'a>(
+pub(crate) fn score_boxes<'a>(
     boxes: impl IntoIterator<Item = &'a mut DetectionBox>,
     tokens: &[u32],
     logprobs: &[f32],

@@ -53,7 +53,7 @@ impl Task {
 
 /// Refuses a detect / segment request without a single object name (each entry may hold
 /// several, separated by `;`).
-pub fn check_objects(objects: &[impl AsRef<str>]) -> crate::Result<()> {
+pub(crate) fn check_objects(objects: &[impl AsRef<str>]) -> crate::Result<()> {
     if objects
         .iter()
         .flat_map(|o| o.as_ref().split(';'))

@@ -44,7 +44,7 @@ impl From<Generation> for TextAnswer {
     }
 }
 
-/// The objects found by [`Model::detect`] or [`Model::segment`], in the original image's
+/// The objects found by [`crate::Model::detect`] or [`crate::Model::segment`], in the original image's
 /// pixels.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Located {

@@ -1,5 +1,5 @@
 //! Stage 2, vision: the SigLIP tower and PaliGemma's projector as pali's own ggml graph —
-//! settings and shape checks ([`config`]), the graph ([`graph`]) and the loaded encoder
+//! settings and shape checks ([`config`]), the graph (`graph.rs`) and the loaded encoder
 //! ([`VisionEncoder`]).
 
 pub mod config;
