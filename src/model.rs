@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
+/// Most image tokens the vision tower encodes in one graph ([`Model::encode_images`]): the
+/// batch of 16 frames at 224 px, or one 896 px image, so a batch's compute buffer is never
+/// larger than one 896 px image's.
+pub const BATCH_TOKENS: usize = 4096;
+
 /// The files of a converted model: decoder and vision tower, and optionally the mask
 /// decoder that turns `segment` answers into masks.
 #[derive(Debug, Clone)]
@@ -161,8 +166,10 @@ impl LowMem {
 pub struct EncodedImage {
     /// Projected image features `[n_tokens][hidden]`.
     pub features: Vec<f32>,
-    /// The original image's size (the frame of detected boxes).
+    /// The first image's size (the frame of detected boxes).
     pub size: ImageSize,
+    /// Images encoded (their features one after another).
+    pub n_images: usize,
     #[allow(missing_docs)]
     pub preprocess_ms: f64,
     #[allow(missing_docs)]
@@ -209,6 +216,12 @@ impl<T: Sync> Part<T> {
         }
     }
 
+    /// Runs `f` on the part if it is loaded now (never loads it).
+    fn if_loaded<R>(&self, f: impl FnOnce(&T) -> R) -> Option<R> {
+        let slot = self.slot.read().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().map(f)
+    }
+
     /// Drops the part (it is reloaded on next use).
     fn release(&self) {
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
@@ -231,6 +244,7 @@ pub struct Model {
     loc_token: Option<u32>,
     n_ctx_train: usize,
     image_tokens: usize,
+    decoder_path: PathBuf,
     vision_backend: String,
     low_mem: bool,
     load_ms: f64,
@@ -325,6 +339,7 @@ impl Model {
             loc_token: facts.loc_token,
             n_ctx_train: facts.n_ctx_train,
             image_tokens,
+            decoder_path: paths.decoder.clone(),
             vision_backend,
             low_mem,
             load_ms: ms(t0),
@@ -426,23 +441,102 @@ impl Model {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         opts.validate()?;
+        self.check_context(1, prompt, opts)?;
         let encoded = self.encode_image(image)?;
         self.generate_encoded(encoded, prompt, opts, on_text)
     }
 
     /// The vision half of [`Model::generate`]: preprocessing and the vision tower.
     pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
-        let t0 = Instant::now();
-        let pixels = preprocess::preprocess(image, &self.preprocess);
-        let preprocess_ms = ms(t0);
-        let t1 = Instant::now();
-        let features = self.with_vision(|v| v.encode(&pixels, VisionOutput::Projected))?;
+        self.encode_images(std::slice::from_ref(image))
+    }
+
+    /// The vision half of a prompt about several images (a clip's frames, or images to
+    /// compare): each squashed to the model's square and preprocessed, then through the
+    /// tower in batches of up to [`BATCH_TOKENS`] tokens (one graph per batch: 16 frames at
+    /// 224 px, or one 896 px image), their features in order. Each image's pixels are freed
+    /// once its batch is encoded.
+    pub fn encode_images(&self, images: &[RgbImage]) -> Result<EncodedImage> {
+        let first = images
+            .first()
+            .ok_or_else(|| Error::Prompt("no image given".into()))?;
+        let per_batch = (BATCH_TOKENS / self.image_tokens.max(1)).max(1);
+        let (mut features, mut preprocess_ms, mut vision_ms) = (Vec::new(), 0.0, 0.0);
+        for batch in images.chunks(per_batch) {
+            let t0 = Instant::now();
+            let pixels: Vec<Vec<f32>> = batch
+                .iter()
+                .map(|image| preprocess::preprocess(image, &self.preprocess))
+                .collect();
+            preprocess_ms += ms(t0);
+            let t1 = Instant::now();
+            let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+            features.extend(self.with_vision(|v| v.encode_batch(&refs, VisionOutput::Projected))?);
+            vision_ms += ms(t1);
+        }
         Ok(EncodedImage {
             features,
-            size: image.size(),
+            size: first.size(),
+            n_images: images.len(),
             preprocess_ms,
-            vision_ms: ms(t1),
+            vision_ms,
         })
+    }
+
+    /// Image tokens per image (256 at 224 px, 1024 at 448, 4096 at 896).
+    pub fn image_tokens(&self) -> usize {
+        self.image_tokens
+    }
+
+    /// Tokens of the prefix's text part for `prompt` (`<bos>`, the prompt, `"\n"`), read
+    /// with the decoder's tokenizer without loading the decoder in low-memory mode.
+    pub fn text_tokens(&self, prompt: &str) -> Result<usize> {
+        match self.decoder.if_loaded(|d| d.text_tokens(prompt)) {
+            Some(n) => n,
+            None => Decoder::probe_text_tokens(&self.decoder_path, prompt),
+        }
+    }
+
+    /// Refuses, before any image is encoded, a prompt about `n_images` images whose prefix
+    /// and `opts.n_predict` tokens do not fit the context: `opts.max_ctx` (`-c`) when set,
+    /// else the context the model was trained for. The message says the numbers and how many
+    /// images would fit.
+    pub fn check_context(
+        &self,
+        n_images: usize,
+        prompt: &str,
+        opts: &GenerateOptions,
+    ) -> Result<()> {
+        let text = self.text_tokens(prompt)?;
+        let n_prefix = n_images * self.image_tokens + text;
+        let need = n_prefix + opts.n_predict;
+        let (limit, which) = if opts.max_ctx > 0 {
+            (opts.max_ctx, format!("--ctx-size {}", opts.max_ctx))
+        } else {
+            (
+                self.n_ctx_train,
+                format!(
+                    "the model's context of {} tokens (-c to allow more)",
+                    self.n_ctx_train
+                ),
+            )
+        };
+        if need <= limit {
+            return Ok(());
+        }
+        let mut msg = format!(
+            "the prompt needs {n_prefix} prefix tokens + {} to generate = {need}, more than {which}",
+            opts.n_predict
+        );
+        if n_images > 1 {
+            let fit = limit.saturating_sub(text + opts.n_predict) / self.image_tokens.max(1);
+            msg = format!(
+                "{msg}: {n_images} images × {} tokens + {text} text tokens; {fit} image{} would fit",
+                self.image_tokens,
+                if fit == 1 { "" } else { "s" }
+            );
+        }
+        Err(Error::ContextLength(msg))
     }
 
     /// The decoder half of [`Model::generate`], on an image from [`Model::encode_image`]

@@ -21,6 +21,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Most images one `pali_run` takes (a clip of 64 frames at 224 px is 16384 image tokens,
+// twice PaliGemma 2's context).
+#define PALI_MAX_IMAGES 64
+
 // A loaded model (decoder, vision tower, optional mask decoder).
 typedef struct pali_model pali_model;
 
@@ -163,15 +167,24 @@ pali_status pali_model_load(const char *decoder_path,
 // `model` is NULL or from `pali_model_load`, not yet freed, with no call on it running.
 void pali_model_free(struct pali_model *model);
 
-// Runs a task on an image. On success `*out_json` is the result as the CLI prints it
-// with `--json` (free it with `pali_string_free`). `on_token` (may be NULL) receives the
-// text as it is generated and can cancel; `params` NULL means the defaults.
+// Runs a task on `n_images` images (`images[0]` … `images[n_images - 1]`): one image, or
+// several as ONE prompt about all of them in order (PaliGemma 2's multi-image and video
+// transfers). A clip is its frames: decode the frames you want (from a camera, or with
+// ffmpeg: `pali caption CLIP --frames K` shows which) and pass them in order. On success
+// `*out_json` is the result as the CLI prints it with `--json` (free it with
+// `pali_string_free`); with several images it has `"n_images"`. `on_token` (may be NULL)
+// receives the text as it is generated and can cancel; `params` NULL means the defaults.
+//
+// ABI change in 0.2: `pali_run` took one `const pali_image *`; it now takes the array and
+// its length (pass 1 for one image).
 //
 // # Safety
-// `model` is from `pali_model_load`; `image`, `text`, `params` are NULL or valid;
-// `out_json` and `out_error` are NULL or writable.
+// `model` is from `pali_model_load`; `images` is NULL or points to `n_images` valid
+// images; `text`, `params` are NULL or valid; `out_json` and `out_error` are NULL or
+// writable.
 pali_status pali_run(const struct pali_model *model,
-                     const struct pali_image *image,
+                     const struct pali_image *images,
+                     size_t n_images,
                      pali_task task,
                      const char *text,
                      const struct pali_generate_params *params,

@@ -17,6 +17,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Most images one `pali_run` takes (a clip of 64 frames at 224 px is 16384 image tokens,
+/// twice PaliGemma 2's context).
+pub const PALI_MAX_IMAGES: usize = 64;
+
 /// A status code: `PALI_OK` or one of the `PALI_ERR_*` values.
 pub type pali_status = i32;
 /// Success.
@@ -346,17 +350,26 @@ fn rgb_image(bytes: &[u8], w: u32, h: u32, stride: u32) -> Result<pali::RgbImage
     Ok(pali::RgbImage::new(w, h, data).expect("sizes checked"))
 }
 
-/// Runs a task on an image. On success `*out_json` is the result as the CLI prints it
-/// with `--json` (free it with `pali_string_free`). `on_token` (may be NULL) receives the
-/// text as it is generated and can cancel; `params` NULL means the defaults.
+/// Runs a task on `n_images` images (`images[0]` … `images[n_images - 1]`): one image, or
+/// several as ONE prompt about all of them in order (PaliGemma 2's multi-image and video
+/// transfers). A clip is its frames: decode the frames you want (from a camera, or with
+/// ffmpeg: `pali caption CLIP --frames K` shows which) and pass them in order. On success
+/// `*out_json` is the result as the CLI prints it with `--json` (free it with
+/// `pali_string_free`); with several images it has `"n_images"`. `on_token` (may be NULL)
+/// receives the text as it is generated and can cancel; `params` NULL means the defaults.
+///
+/// ABI change in 0.2: `pali_run` took one `const pali_image *`; it now takes the array and
+/// its length (pass 1 for one image).
 ///
 /// # Safety
-/// `model` is from `pali_model_load`; `image`, `text`, `params` are NULL or valid;
-/// `out_json` and `out_error` are NULL or writable.
+/// `model` is from `pali_model_load`; `images` is NULL or points to `n_images` valid
+/// images; `text`, `params` are NULL or valid; `out_json` and `out_error` are NULL or
+/// writable.
 #[no_mangle]
 pub unsafe extern "C" fn pali_run(
     model: *const pali_model,
-    image: *const pali_image,
+    images: *const pali_image,
+    n_images: usize,
     task: pali_task,
     text: *const c_char,
     params: *const pali_generate_params,
@@ -375,16 +388,39 @@ pub unsafe extern "C" fn pali_run(
         let model = &unsafe { model.as_ref() }
             .ok_or_else(|| invalid("model is NULL"))?
             .model;
-        // SAFETY: as above.
-        let image = unsafe { image.as_ref() }.ok_or_else(|| invalid("image is NULL"))?;
+        if images.is_null() {
+            return Err(invalid("images is NULL"));
+        }
+        if n_images == 0 || n_images > PALI_MAX_IMAGES {
+            return Err(invalid(format!(
+                "n_images is {n_images}: pass 1 to {PALI_MAX_IMAGES} images"
+            )));
+        }
+        // SAFETY: per this function's contract: `n_images` valid images at `images`.
+        let images = unsafe { std::slice::from_raw_parts(images, n_images) };
         // SAFETY: as above.
         let text = unsafe { opt_str(text, "text")? };
         // SAFETY: as above.
         let params = unsafe { params.as_ref() }
             .copied()
             .unwrap_or_else(|| pali_generate_params_default());
-        // SAFETY: as above.
-        let img = unsafe { read_image(image)? };
+        let imgs = images
+            .iter()
+            .enumerate()
+            // SAFETY: as above.
+            .map(|(i, image)| {
+                unsafe { read_image(image) }.map_err(|Failure(s, m)| {
+                    Failure(
+                        s,
+                        if n_images > 1 {
+                            format!("images[{i}]: {m}")
+                        } else {
+                            m
+                        },
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let cancel = Arc::new(AtomicBool::new(false));
         let opts = generate_options(&params, &cancel)?;
         let mut on_text = |piece: &str| {
@@ -396,7 +432,7 @@ pub unsafe extern "C" fn pali_run(
                 }
             }
         };
-        let json = run_task(model, &img, task, text, &opts, &mut on_text)?;
+        let json = run_task(model, &imgs, task, text, &opts, &mut on_text)?;
         // SAFETY: checked non-NULL above.
         unsafe { *out_json = new_string(&json.to_string()) };
         Ok(())
@@ -426,7 +462,7 @@ fn generate_options(
 /// One task through the library's task API, as the CLI's JSON.
 fn run_task(
     model: &pali::Model,
-    img: &pali::RgbImage,
+    imgs: &[pali::RgbImage],
     task: pali_task,
     text: Option<&str>,
     opts: &pali::GenerateOptions,
@@ -449,7 +485,7 @@ fn run_task(
         PALI_TASK_PROMPT => pali::Task::Raw(need_text("the prompt")?.into()),
         other => return Err(invalid(format!("task {other} is not a PALI_TASK_* value"))),
     };
-    Ok(pali::tasks::to_json(&model.run(img, &t, opts, on_text)?))
+    Ok(pali::tasks::to_json(&model.run(imgs, &t, opts, on_text)?))
 }
 
 /// Frees a string returned by libpali (NULL is ignored).

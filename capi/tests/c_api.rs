@@ -140,7 +140,9 @@ fn bad_input_through_the_c_api_is_a_status_and_a_message() {
         ("load_swapped_files", 3, "mmproj"),
         ("load_null_out", 1, "out_model is NULL"),
         ("run_null_model", 1, "model is NULL"),
-        ("run_null_image", 1, "image is NULL"),
+        ("run_null_image", 1, "images is NULL"),
+        ("run_no_images", 1, "n_images is 0"),
+        ("run_second_image_corrupt", 4, "images[1]: "),
         ("run_null_out_json", 1, "out_json is NULL"),
         ("run_corrupt_image", 4, "unknown or unsupported format"),
         ("run_truncated_image", 4, "corrupt or truncated"),
@@ -173,6 +175,28 @@ fn bad_input_through_the_c_api_is_a_status_and_a_message() {
         assert_eq!(v["tokens"], encoded["tokens"], "{name}");
     }
     assert!(out.contains(&format!("version 0 {}", env!("CARGO_PKG_VERSION"))));
+    // Two images in one prompt: the library's answer for the same two, with n_images.
+    let (st, json) = line("two_images");
+    assert_eq!(st, 0, "{json}");
+    let two: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(two["n_images"], 2);
+    let model = pali::Model::load(
+        &pali::ModelPaths::demo(&root()).unwrap(),
+        &pali::LoadOptions::default(),
+    )
+    .unwrap();
+    let img = pali::image::load_image(&png, pali::MAX_IMAGE_PIXELS).unwrap();
+    let task = pali::Task::Caption {
+        lang: "en".into(),
+        long: false,
+    };
+    let pali::Answer::Text(want) = model
+        .run(&[img.clone(), img], &task, &Default::default(), &mut |_| {})
+        .unwrap()
+    else {
+        panic!("a caption is text")
+    };
+    assert_eq!(two["tokens"], serde_json::json!(want.tokens));
 
     // Bad options: PALI_ERR_INVALID_ARGUMENT with exactly the library's message, the one
     // the CLI and `pali serve` give for the same value.

@@ -55,14 +55,14 @@ int main(int argc, char **argv) {
     pali_image image = {PALI_IMAGE_ENCODED, bytes, size, 0, 0, 0};
     pali_generate_params params = pali_generate_params_default();
     char *json = NULL;
-    st = pali_run(model, &image, PALI_TASK_CAPTION, "en", &params, on_token, NULL, &json, &error);
+    st = pali_run(model, &image, 1, PALI_TASK_CAPTION, "en", &params, on_token, NULL, &json, &error);
     fputc('\n', stderr);
     if (st != PALI_OK) return fail("caption", st, error);
     printf("%s\n", json);
     pali_string_free(json);
 
     if (argc > 4) {
-        st = pali_run(model, &image, PALI_TASK_DETECT, argv[4], &params, NULL, NULL, &json, &error);
+        st = pali_run(model, &image, 1, PALI_TASK_DETECT, argv[4], &params, NULL, NULL, &json, &error);
         if (st != PALI_OK) return fail("detect", st, error);
         printf("%s\n", json);
         pali_string_free(json);

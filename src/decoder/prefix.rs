@@ -1,8 +1,10 @@
 //! The PaliGemma prefix as ONE batch of embedding rows: the image features (scaled for
 //! llama.cpp's input multiplication), `<bos>`, the prompt and the `"\n"` separator.
 
+use super::header::DecoderHeader;
 use super::load::Decoder;
 use crate::{Error, Result};
+use std::path::Path;
 
 /// The PaliGemma prefix as decoder input rows: `[image × N][<bos>][prompt…]["\n"]`, each
 /// already scaled for llama.cpp's input multiplication by √hidden.
@@ -27,7 +29,33 @@ impl PrefixBatch {
     }
 }
 
+impl DecoderHeader {
+    /// The text part of the prefix: `<bos>`, the prompt and the `"\n"` separator (tokenized
+    /// separately, as big_vision does).
+    pub(super) fn text_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![self.bos];
+        ids.extend(
+            self.tokenizer
+                .encode(prompt, false)
+                .map_err(|e| Error::Model(format!("tokenizer: {e}")))?
+                .get_ids(),
+        );
+        ids.extend(&self.newline);
+        Ok(ids)
+    }
+}
+
 impl Decoder {
+    /// Tokens of the prefix's text part (`<bos>`, the prompt, `"\n"`).
+    pub fn text_tokens(&self, prompt: &str) -> Result<usize> {
+        Ok(self.header.text_ids(prompt)?.len())
+    }
+
+    /// [`Decoder::text_tokens`] from the file's header alone, without loading the decoder.
+    pub fn probe_text_tokens(path: &Path, prompt: &str) -> Result<usize> {
+        Ok(DecoderHeader::read(path)?.text_ids(prompt)?.len())
+    }
+
     /// Builds the prefix: image rows (projector output, scaled here), `<bos>`, the prompt and
     /// the `"\n"` separator (tokenized separately, as big_vision does).
     pub fn prefix(&self, image_features: &[f32], prompt: &str) -> Result<PrefixBatch> {
@@ -41,9 +69,7 @@ impl Decoder {
         let n_image = image_features.len() / self.hidden;
         let mut rows = image_features.to_vec();
         to_decoder_input(&mut rows, self.hidden);
-        let mut text_ids = vec![self.header.bos];
-        text_ids.extend(self.tokenize(prompt)?);
-        text_ids.extend(&self.header.newline);
+        let text_ids = self.header.text_ids(prompt)?;
         for &id in &text_ids {
             // llama.cpp scales these by √hidden itself, exactly as for token-id input.
             rows.extend(self.header.embeddings.row(id)?);

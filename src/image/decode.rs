@@ -103,6 +103,33 @@ pub enum ImageError {
         /// Height claimed by the header.
         height: u32,
     },
+    /// A video file, and no `ffmpeg` / `ffprobe` on the PATH to decode it.
+    #[error(
+        "{} is a video: decoding it needs the ffmpeg command, not found on the PATH; install \
+         ffmpeg, or pass an animated GIF/APNG or the frames as images",
+        path.display()
+    )]
+    NeedsFfmpeg {
+        /// The video.
+        path: PathBuf,
+    },
+    /// ffmpeg could not read or decode a video file.
+    #[error("{}: {detail}", path.display())]
+    Video {
+        /// The video.
+        path: PathBuf,
+        /// What ffmpeg said.
+        detail: String,
+    },
+    /// A clip without a single frame.
+    #[error("{} has no frames", path.display())]
+    NoFrames {
+        /// The clip.
+        path: PathBuf,
+    },
+    /// A frame selection that cannot be met (`--frames 0`, `--fps` on frames without times).
+    #[error("{0}")]
+    BadSelection(String),
     /// `resample` is not one of PIL's codes 0..=5.
     #[error("invalid resample filter code {code} (PIL codes are 0..=5)")]
     InvalidResample {
@@ -315,7 +342,7 @@ fn map_image_error(err: DecodeError, path: &Path) -> ImageError {
 /// * 16-bit grey without alpha is CLAMPED to 255 (`min(v, 255)`): PIL opens it
 ///   as mode `I;16` and `convert("RGB")` saturates rather than scales. Odd,
 ///   but it is what HF feeds the model for such files.
-fn to_rgb8_like_pil(img: DynamicImage, alpha: AlphaMode) -> RgbImage {
+pub(super) fn to_rgb8_like_pil(img: DynamicImage, alpha: AlphaMode) -> RgbImage {
     let (width, height) = (img.width(), img.height());
     let n = width as usize * height as usize;
     let mut data = Vec::with_capacity(n * 3);

@@ -4,7 +4,7 @@
 
 use super::parse::{DetectionBox, SEG_TOKENS};
 use crate::decoder::Generation;
-use crate::image::ImageSize;
+use crate::image::{Clip, ImageSize};
 use crate::mask::{mask_box, Mask};
 use crate::options::{FinishReason, Timings};
 use serde::ser::{SerializeMap, Serializer};
@@ -31,6 +31,20 @@ pub struct TextAnswer {
     pub finish_reason: FinishReason,
     /// Where the time went.
     pub timings: Timings,
+    /// Images in the prompt (in the JSON only when more than one).
+    #[serde(skip_serializing_if = "is_one")]
+    pub n_images: usize,
+    /// A clip's frame indices, in the prompt's order (in the JSON only for a clip).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<usize>,
+    /// A clip shorter than the frames asked for, …: one line each (in the JSON only when
+    /// there is one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl From<Generation> for TextAnswer {
@@ -40,7 +54,22 @@ impl From<Generation> for TextAnswer {
             tokens: g.tokens,
             finish_reason: g.finish_reason,
             timings: g.timings,
+            n_images: 1,
+            frames: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+}
+
+impl Answer {
+    /// Records the clip the answer is about: its frame indices and its warnings.
+    pub fn set_clip(&mut self, clip: &Clip) {
+        let (frames, warnings) = match self {
+            Answer::Text(t) => (&mut t.frames, &mut t.warnings),
+            Answer::Located(l) => (&mut l.frames, &mut l.warnings),
+        };
+        *frames = clip.indices.clone();
+        warnings.splice(0..0, clip.warnings.iter().cloned());
     }
 }
 
@@ -62,6 +91,13 @@ pub struct Located {
     pub timings: Timings,
     /// Skipped objects, ignored text, masks not decoded, a cut answer: one line each.
     pub warnings: Vec<String>,
+    /// Images in the prompt (in the JSON only when more than one; boxes are in the first
+    /// image's pixels, all of one size).
+    #[serde(skip_serializing_if = "is_one")]
+    pub n_images: usize,
+    /// A clip's frame indices (in the JSON only for a clip).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<usize>,
 }
 
 /// One object: its box and score, and for `segment` its mask codes and mask.

@@ -7,7 +7,7 @@ use super::parse;
 use super::prompt::Task;
 use super::result::{Answer, Located, LocatedObject, ObjectMask, TextAnswer};
 use crate::image::ImageSize;
-use crate::image::RgbImage;
+use crate::image::{Clip, RgbImage};
 use crate::mask::mask_box;
 use crate::model::{EncodedImage, Model};
 use crate::options::{FinishReason, GenerateOptions};
@@ -48,21 +48,50 @@ impl Model {
         self.answer(image, &task, opts, &mut |_| {})
     }
 
-    /// The one top-level call: runs `task` on `image` — detect and segment tasks as
-    /// located objects ([`Answer::Located`]), every other task as text
-    /// ([`Answer::Text`], streamed to `on_text` as it is generated). What `pali … --json`,
-    /// `pali serve` and the C library's `pali_run` print is this answer's JSON
-    /// ([`crate::tasks::to_json`]).
+    /// The one top-level call: runs `task` on one or more images (several: one prompt about
+    /// all of them, their tokens in order, as HF's processor lays out a list of images and
+    /// big_vision a clip's frames) — detect and segment tasks as located objects
+    /// ([`Answer::Located`]), every other task as text ([`Answer::Text`], streamed to
+    /// `on_text` as it is generated). What `pali … --json`, `pali serve` and the C
+    /// library's `pali_run` print is this answer's JSON ([`crate::tasks::to_json`]).
+    ///
+    /// Refused before any image is encoded: a task that cannot run, bad options, a prompt
+    /// that does not fit the context ([`Model::check_context`]), and detect / segment on
+    /// images of different sizes (the boxes would have no one frame).
     pub fn run(
         &self,
-        image: &RgbImage,
+        images: &[RgbImage],
         task: &Task,
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         task.check()?;
         opts.validate()?;
-        self.run_encoded(self.encode_image(image)?, task, opts, on_text)
+        if let (Task::Detect(_) | Task::Segment(_), [first, rest @ ..]) = (task, images) {
+            if let Some(other) = rest.iter().find(|i| i.size() != first.size()) {
+                return Err(Error::Prompt(format!(
+                    "detect and segment on several images need them of one size (boxes are in \
+                     one image's pixels): {}x{} and {}x{}",
+                    first.width, first.height, other.width, other.height
+                )));
+            }
+        }
+        self.check_context(images.len(), &task.prompt(), opts)?;
+        self.run_encoded(self.encode_images(images)?, task, opts, on_text)
+    }
+
+    /// [`Model::run`] on a clip: its frames as one prompt, and its frame indices and
+    /// warnings (a short clip's repeated frames) in the answer.
+    pub fn run_clip(
+        &self,
+        clip: &Clip,
+        task: &Task,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        let mut answer = self.run(&clip.frames, task, opts, on_text)?;
+        answer.set_clip(clip);
+        Ok(answer)
     }
 
     /// [`Model::run`] on an image already through the vision tower
@@ -75,14 +104,18 @@ impl Model {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         task.check()?;
+        let n_images = image.n_images;
         Ok(match task {
             Task::Detect(_) | Task::Segment(_) => {
                 Answer::Located(self.locate_encoded(image, task, opts)?)
             }
-            _ => Answer::Text(
-                self.generate_encoded(image, &task.prompt(), opts, on_text)?
-                    .into(),
-            ),
+            _ => {
+                let g = self.generate_encoded(image, &task.prompt(), opts, on_text)?;
+                Answer::Text(TextAnswer {
+                    n_images,
+                    ..g.into()
+                })
+            }
         })
     }
 
@@ -149,7 +182,7 @@ impl Model {
             logprobs: true,
             ..opts.clone()
         };
-        let size = image.size;
+        let (size, n_images) = (image.size, image.n_images);
         let g = self.generate_encoded(image, &task.prompt(), &opts, &mut |_| {})?;
         let (mut objects, mut warnings) = if segment {
             self.segment_objects(&g.text, size)?
@@ -178,6 +211,8 @@ impl Model {
         Ok(Located {
             objects,
             image: size,
+            n_images,
+            frames: Vec::new(),
             text: g.text,
             tokens: g.tokens,
             finish_reason: g.finish_reason,

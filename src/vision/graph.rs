@@ -92,9 +92,9 @@ fn gelu_tanh<'g>(g: &'g Graph, x: Tensor<'g>) -> Tensor<'g> {
     g.mul(x, g.scale_bias(t, 0.5, 0.5))
 }
 
-/// Unmasked multi-head attention: q, k, v `[head_dim, tokens, heads]`, result `[head_dim ·
-/// heads, tokens]`. ggml's fused flash attention if `fused` accepts its node (see
-/// [`AttentionKernel`]), else the plain product.
+/// Unmasked multi-head attention within each frame: q, k, v `[head_dim, tokens, heads,
+/// frames]`, result `[head_dim · heads, tokens · frames]`. ggml's fused flash attention if
+/// `fused` accepts its node (see [`AttentionKernel`]), else the plain product.
 fn attention<'g>(
     g: &'g Graph,
     (q, k, v): (Tensor<'g>, Tensor<'g>, Tensor<'g>),
@@ -102,7 +102,7 @@ fn attention<'g>(
     precision: VisionPrecision,
     fused: &dyn Fn(Tensor<'g>) -> bool,
 ) -> Tensor<'g> {
-    let [hd, n, heads, _] = q.ne();
+    let [hd, n, heads, frames] = q.ne();
     // F16 keys and values are what GPU flash-attention kernels are fast on (some have no F32
     // kernel at all); the accumulation stays F32 (GGML_PREC_F32).
     let fa = match precision {
@@ -112,34 +112,45 @@ fn attention<'g>(
         _ => g.flash_attn(q, k, v, scale),
     };
     if fused(fa) {
-        return g.reshape(fa, &[hd * heads, n]);
+        return g.reshape(fa, &[hd * heads, n * frames]);
     }
     let (q, k) = (g.cont(q), g.cont(k));
-    let scores = g.soft_max_scaled(g.mul_mat(k, q), scale); // [keys, queries, heads]
-    let vt = g.cont(g.permute(v, [1, 0, 2, 3])); // [keys, head_dim, heads]
-    let out = g.mul_mat(vt, scores); // [head_dim, queries, heads]
-    g.reshape(g.cont(g.permute(out, [0, 2, 1, 3])), &[hd * heads, n])
+    let scores = g.soft_max_scaled(g.mul_mat(k, q), scale); // [keys, queries, heads, frames]
+    let vt = g.cont(g.permute(v, [1, 0, 2, 3])); // [keys, head_dim, heads, frames]
+    let out = g.mul_mat(vt, scores); // [head_dim, queries, heads, frames]
+    g.reshape(
+        g.cont(g.permute(out, [0, 2, 1, 3])),
+        &[hd * heads, n * frames],
+    )
 }
 
+/// The tower on `frames` images at once (ONE graph: a batch): `patches` holds each frame's
+/// patch rows in turn. The tokens of every frame are the columns of one `[width, tokens ·
+/// frames]` activation for the linear layers, norms and GELU (per token, so batching changes
+/// no value), and are split by frame only for the positions and the attention.
 pub(super) fn tower<'g>(
     g: &'g Graph,
     c: &VisionConfig,
     patches: Vec<f32>,
+    frames: i64,
     precision: VisionPrecision,
     fused: &dyn Fn(Tensor<'g>) -> bool,
 ) -> Result<Tensor<'g>> {
     let linear = |x, w: &str, b: &str| linear(g, x, w, b, precision);
     let (d, n, p) = (c.width as i64, c.n_tokens() as i64, c.patch_size as i64);
     let (heads, hd) = (c.heads as i64, (c.width / c.heads) as i64);
-    let input = g.input(&[3 * p * p, n], patches);
+    let input = g.input(&[3 * p * p, n * frames], patches);
     let kernel = g.reshape(g.weight(names::PATCH_EMBD_W)?, &[3 * p * p, d]);
     let mut x = g.add(g.mul_mat(kernel, input), g.weight(names::PATCH_EMBD_B)?);
-    x = g.add(x, g.weight(names::POS_EMBD)?);
+    // Every frame gets the same positions: `[d, n]` broadcast over the frames.
+    x = g.add(g.reshape(x, &[d, n, frames]), g.weight(names::POS_EMBD)?);
+    x = g.reshape(x, &[d, n * frames]);
     let scale = 1.0 / (hd as f32).sqrt();
     for l in 0..c.layers {
         let w = |s: &str| vision_block(l, s);
         let h = layer_norm(g, x, &w(names::LN1_W), &w(names::LN1_B), c.eps)?;
-        let heads_of = |t: Tensor<'g>| g.permute(g.reshape(t, &[hd, heads, n]), [0, 2, 1, 3]);
+        let heads_of =
+            |t: Tensor<'g>| g.permute(g.reshape(t, &[hd, heads, n, frames]), [0, 2, 1, 3]);
         let q = heads_of(linear(h, &w(names::Q_W), &w(names::Q_B))?);
         let k = heads_of(linear(h, &w(names::K_W), &w(names::K_B))?);
         let v = heads_of(linear(h, &w(names::V_W), &w(names::V_B))?);

@@ -2,6 +2,7 @@
 //! their translation into the library's load and generate options.
 
 use clap::{Args, ValueEnum};
+use pali::image::FrameSelection;
 use pali::options::RequestValues;
 use pali::{GenerateOptions, LoadOptions, Model, ModelPaths, SlidingWindow};
 use std::path::PathBuf;
@@ -205,4 +206,30 @@ pub(crate) fn gen_options(args: &ModelArgs) -> Result<GenerateOptions, String> {
         ..Default::default()
     };
     base.apply(&values).map_err(|e| e.to_string())
+}
+
+/// A clip's frames instead of one image (video files need ffmpeg on the PATH; animated
+/// GIF / APNG / WebP do not).
+#[derive(Args, Clone, Default)]
+pub(crate) struct ClipArgs {
+    /// Treat the file as a clip and take K of its n frames as one prompt: frame i (i = 0 …
+    /// K−1) is floor(i × n / K); a clip with fewer than K frames repeats them in order (with
+    /// a warning). PaliGemma 2's video transfers use 8–16 frames at 224 px.
+    #[arg(long, value_name = "K", conflicts_with = "fps")]
+    pub(crate) frames: Option<usize>,
+    /// Treat the file as a clip and take F frames per second of its time (the frame shown at
+    /// 0, 1/F, 2/F, … s).
+    #[arg(long, value_name = "F")]
+    pub(crate) fps: Option<f64>,
+}
+
+impl ClipArgs {
+    /// The frame selection asked for, if any.
+    pub(crate) fn selection(&self) -> Option<FrameSelection> {
+        match (self.frames, self.fps) {
+            (Some(k), _) => Some(FrameSelection::Count(k)),
+            (None, Some(f)) => Some(FrameSelection::PerSecond(f)),
+            (None, None) => None,
+        }
+    }
 }

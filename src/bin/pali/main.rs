@@ -14,7 +14,7 @@ mod run;
 mod serve;
 mod tools;
 
-use args::ModelArgs;
+use args::{ClipArgs, ModelArgs};
 use clap::{Parser, Subcommand};
 use pali::Task;
 use std::path::PathBuf;
@@ -97,6 +97,8 @@ enum Command {
         #[arg(long)]
         long: bool,
         #[command(flatten)]
+        clip: ClipArgs,
+        #[command(flatten)]
         model: ModelArgs,
     },
     /// Answer a question about an image (`answer <lang> <question>`).
@@ -109,12 +111,16 @@ enum Command {
         #[arg(long, default_value = "en")]
         lang: String,
         #[command(flatten)]
+        clip: ClipArgs,
+        #[command(flatten)]
         model: ModelArgs,
     },
     /// Read the text in an image (`ocr`).
     Ocr {
         /// The image.
         image: PathBuf,
+        #[command(flatten)]
+        clip: ClipArgs,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -128,6 +134,8 @@ enum Command {
         /// Also write the image with labelled boxes to this PNG file.
         #[arg(long, value_name = "OUT.png")]
         draw: Option<PathBuf>,
+        #[command(flatten)]
+        clip: ClipArgs,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -151,16 +159,21 @@ enum Command {
         #[arg(long, value_name = "MASK.png")]
         mask_out: Option<PathBuf>,
         #[command(flatten)]
+        clip: ClipArgs,
+        #[command(flatten)]
         model: ModelArgs,
     },
     /// Run any prompt on an image.
     Run {
-        /// The image.
-        #[arg(long)]
-        image: PathBuf,
+        /// The image; repeated, ONE prompt about all of them in order (several images, or a
+        /// clip's frames given as images).
+        #[arg(long, required = true)]
+        image: Vec<PathBuf>,
         /// Prompt text (the task prefix, e.g. "caption en").
         #[arg(short = 'p', long)]
         prompt: String,
+        #[command(flatten)]
+        clip: ClipArgs,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -297,29 +310,43 @@ fn main() -> ExitCode {
             images,
             lang,
             long,
+            clip,
             model,
         } => {
-            let images = files::expand_images(&images);
+            // Folders are expanded to their images; a clip is a file.
+            let images = match clip.selection() {
+                Some(_) => images,
+                None => files::expand_images(&images),
+            };
             if images.is_empty() {
                 Err("no images found".into())
             } else {
-                run::generate_each(&images, &Task::Caption { lang, long }, &model)
+                let inputs = run::Input::each(images, &clip);
+                run::generate_each(&inputs, &Task::Caption { lang, long }, &model)
             }
         }
         Command::Ask {
             image,
             question,
             lang,
+            clip,
             model,
-        } => run::generate_each(&[image], &Task::Ask { lang, question }, &model),
-        Command::Ocr { image, model } => run::generate_each(&[image], &Task::Ocr, &model),
+        } => run::generate_each(
+            &run::Input::each(vec![image], &clip),
+            &Task::Ask { lang, question },
+            &model,
+        ),
+        Command::Ocr { image, clip, model } => {
+            run::generate_each(&run::Input::each(vec![image], &clip), &Task::Ocr, &model)
+        }
         Command::Detect {
             image,
             objects,
             draw,
+            clip,
             model,
         } => run::run_locate(
-            &image,
+            &run::Input::one(image, &clip),
             &Task::Detect(objects),
             run::LocateOutputs {
                 draw: draw.as_deref(),
@@ -333,9 +360,10 @@ fn main() -> ExitCode {
             vae,
             draw,
             mask_out,
+            clip,
             model,
         } => run::run_locate(
-            &image,
+            &run::Input::one(image, &clip),
             &Task::Segment(objects),
             run::LocateOutputs {
                 draw: draw.as_deref(),
@@ -347,8 +375,15 @@ fn main() -> ExitCode {
         Command::Run {
             image,
             prompt,
+            clip,
             model,
-        } => run::generate_each(&[image], &Task::Raw(prompt), &model),
+        } => match (image.len(), clip.selection()) {
+            (1, _) => {
+                run::generate_each(&run::Input::each(image, &clip), &Task::Raw(prompt), &model)
+            }
+            (_, Some(_)) => Err("--frames / --fps take one clip: give one --image".into()),
+            _ => run::generate_each(&[run::Input::Images(image)], &Task::Raw(prompt), &model),
+        },
         Command::Bench {
             image,
             prompt,

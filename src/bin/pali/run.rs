@@ -1,9 +1,9 @@
 //! The task commands: caption / ask / ocr / run (text), detect / segment, bench, eval.
 
-use crate::args::{gen_options, load_model, ModelArgs};
+use crate::args::{gen_options, load_model, ClipArgs, ModelArgs};
 use crate::files::model_paths;
-use pali::image::load_image;
-use pali::{GenerateOptions, Task};
+use pali::image::{load_image, Clip, ClipPlan, FrameSelection};
+use pali::{Answer, GenerateOptions, Model, RgbImage, Task};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,7 @@ pub(crate) struct LocateOutputs<'a> {
 /// `pali detect` / `pali segment`: the library's task, printed as `label: x1,y1,x2,y2`
 /// lines or one JSON object; `--draw` writes the labelled picture, `--mask-out` the masks.
 pub(crate) fn run_locate(
-    image: &Path,
+    input: &Input,
     task: &Task,
     outs: LocateOutputs<'_>,
     args: &ModelArgs,
@@ -33,10 +33,18 @@ pub(crate) fn run_locate(
     }
     // Before loading anything: a request without names fails at once.
     task.check().map_err(|e| e.to_string())?;
-    let img = load_image(image, pali::MAX_IMAGE_PIXELS).map_err(|e| e.to_string())?;
+    let opened = input.open().map_err(|e| e.to_string())?;
     let model = load_model(args, &paths)?;
     let opts = gen_options(args)?;
-    let found = model.locate(&img, task, &opts).map_err(|e| e.to_string())?;
+    let loaded = opened
+        .ready(&model, task, &opts)
+        .map_err(|e| e.to_string())?;
+    let found = match loaded.run(&model, task, &opts, &mut |_| {}) {
+        Ok(Answer::Located(found)) => found,
+        Ok(Answer::Text(_)) => unreachable!("detect and segment answer with objects"),
+        Err(e) => return Err(e.to_string()),
+    };
+    let img = loaded.first();
     if args.json {
         let mut obj = pali::tasks::to_json(&found);
         if let Some(p) = outs.draw {
@@ -51,7 +59,7 @@ pub(crate) fn run_locate(
     }
     let masks = found.masks();
     if let Some(p) = outs.draw {
-        let pic = pali::draw::draw_segments(&img, &found.boxes(), &masks);
+        let pic = pali::draw::draw_segments(img, &found.boxes(), &masks);
         pali::draw::save_png(&pic, p).map_err(|e| e.to_string())?;
     }
     if let Some(p) = outs.mask_out {
@@ -87,61 +95,177 @@ fn print_located(found: &pali::Located) {
     }
 }
 
-/// Runs one prompt on each image; streams text (or prints JSON Lines); keeps going past bad
-/// images. Returns whether all succeeded.
+/// What one prompt is about.
+pub(crate) enum Input {
+    /// One image file.
+    Image(PathBuf),
+    /// A clip's frames.
+    Clip(PathBuf, FrameSelection),
+    /// Several image files, in order.
+    Images(Vec<PathBuf>),
+}
+
+impl Input {
+    /// Each file as its own prompt: a clip with `--frames` / `--fps`, else an image.
+    pub(crate) fn each(files: Vec<PathBuf>, clip: &ClipArgs) -> Vec<Input> {
+        files.into_iter().map(|f| Input::one(f, clip)).collect()
+    }
+
+    /// One file: a clip with `--frames` / `--fps`, else an image.
+    pub(crate) fn one(file: PathBuf, clip: &ClipArgs) -> Input {
+        match clip.selection() {
+            Some(sel) => Input::Clip(file, sel),
+            None => Input::Image(file),
+        }
+    }
+
+    /// The name printed before an answer when there are several.
+    fn label(&self) -> String {
+        match self {
+            Input::Image(p) | Input::Clip(p, _) => p.display().to_string(),
+            Input::Images(ps) => ps
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+        }
+    }
+
+    /// Reads the input before any model is loaded: its images decoded, or its clip opened
+    /// and its frames chosen.
+    fn open(&self) -> pali::Result<Opened> {
+        let image = |p: &PathBuf| load_image(p, pali::MAX_IMAGE_PIXELS).map_err(pali::Error::from);
+        Ok(match self {
+            Input::Image(p) => Opened::Images(vec![image(p)?]),
+            Input::Images(ps) => Opened::Images(ps.iter().map(image).collect::<Result<_, _>>()?),
+            Input::Clip(p, sel) => Opened::Clip(ClipPlan::open(p, *sel, pali::MAX_IMAGE_PIXELS)?),
+        })
+    }
+
+    /// [`Input::open`], then [`Opened::ready`].
+    fn load(&self, model: &Model, task: &Task, opts: &GenerateOptions) -> pali::Result<Loaded> {
+        self.open()?.ready(model, task, opts)
+    }
+}
+
+/// An input read: images, or a clip whose frames are chosen but not decoded.
+enum Opened {
+    Images(Vec<RgbImage>),
+    Clip(ClipPlan),
+}
+
+impl Opened {
+    /// The pixels to run: a clip's frames are decoded once they are known to fit the
+    /// context (K frames × tokens per frame + the prompt), so a clip too long for it costs
+    /// no decoding.
+    fn ready(self, model: &Model, task: &Task, opts: &GenerateOptions) -> pali::Result<Loaded> {
+        Ok(match self {
+            Opened::Images(images) => Loaded::Images(images),
+            Opened::Clip(plan) => {
+                model.check_context(plan.indices.len(), &task.prompt(), opts)?;
+                Loaded::Clip(plan.decode(pali::MAX_IMAGE_PIXELS)?)
+            }
+        })
+    }
+}
+
+/// An input's pixels.
+enum Loaded {
+    Images(Vec<RgbImage>),
+    Clip(Clip),
+}
+
+impl Loaded {
+    fn run(
+        &self,
+        model: &Model,
+        task: &Task,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> pali::Result<Answer> {
+        match self {
+            Loaded::Images(images) => model.run(images, task, opts, on_text),
+            Loaded::Clip(clip) => model.run_clip(clip, task, opts, on_text),
+        }
+    }
+
+    /// The first image (the frame `--draw` draws on).
+    fn first(&self) -> &RgbImage {
+        match self {
+            Loaded::Images(images) => &images[0],
+            Loaded::Clip(clip) => &clip.frames[0],
+        }
+    }
+}
+
+/// Runs one prompt on each input; streams text (or prints JSON Lines); keeps going past bad
+/// inputs. Returns whether all succeeded.
 pub(crate) fn generate_each(
-    images: &[PathBuf],
+    inputs: &[Input],
     task: &Task,
     args: &ModelArgs,
 ) -> Result<bool, String> {
     let model = load_model(args, &model_paths(args, None, false)?)?;
     let opts = gen_options(args)?;
-    let many = images.len() > 1;
+    let many = inputs.len() > 1;
     let bar = if many && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(images.len() as u64)
+        indicatif::ProgressBar::new(inputs.len() as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
     let mut ok = true;
-    // Images are encoded a group at a time and then decoded: in low-memory mode the vision
-    // tower and the decoder are loaded once per group, not once per image.
+    // Single images are encoded a group at a time and then decoded: in low-memory mode the
+    // vision tower and the decoder are loaded once per group, not once per image.
     let group = model.images_per_group();
     let mut encoded = Vec::new();
-    for (i, path) in images.iter().enumerate() {
+    for (i, input) in inputs.iter().enumerate() {
         if i % group == 0 {
-            encoded = images[i..images.len().min(i + group)]
+            encoded = inputs[i..inputs.len().min(i + group)]
                 .iter()
-                .map(|p| {
-                    load_image(p, pali::MAX_IMAGE_PIXELS)
-                        .map_err(pali::Error::from)
-                        .and_then(|img| model.encode_image(&img))
+                .map(|input| match input {
+                    Input::Image(p) => Some(
+                        load_image(p, pali::MAX_IMAGE_PIXELS)
+                            .map_err(pali::Error::from)
+                            .and_then(|img| model.encode_image(&img)),
+                    ),
+                    _ => None,
                 })
                 .rev()
                 .collect();
         }
-        let res = encoded.pop().expect("one per image").and_then(|img| {
-            let mut stdout = std::io::stdout();
-            let stream = !args.json;
-            if stream && many {
-                print!("{}: ", path.display());
+        let pre = encoded.pop().expect("one per input");
+        let stream = !args.json;
+        if stream && many {
+            print!("{}: ", input.label());
+        }
+        let mut stdout = std::io::stdout();
+        let mut on_text = |piece: &str| {
+            if stream {
+                print!("{piece}");
+                let _ = stdout.flush();
             }
-            model.run_encoded(img, task, &opts, &mut |piece| {
-                if stream {
-                    print!("{piece}");
-                    let _ = stdout.flush();
-                }
-            })
-        });
+        };
+        let res = match pre {
+            Some(enc) => enc.and_then(|img| model.run_encoded(img, task, &opts, &mut on_text)),
+            None => input
+                .load(&model, task, &opts)
+                .and_then(|loaded| loaded.run(&model, task, &opts, &mut on_text)),
+        };
         match res {
-            Ok(g) => {
+            Ok(answer) => {
                 if args.json {
-                    let mut obj = pali::tasks::to_json(&g);
+                    let mut obj = pali::tasks::to_json(&answer);
                     if many {
-                        obj["path"] = serde_json::json!(path.display().to_string());
+                        obj["path"] = serde_json::json!(input.label());
                     }
                     println!("{obj}");
                 } else {
                     println!();
+                    if let Answer::Text(t) = &answer {
+                        for w in &t.warnings {
+                            eprintln!("warning: {w}");
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -149,7 +273,7 @@ pub(crate) fn generate_each(
                 if args.json && many {
                     println!(
                         "{}",
-                        serde_json::json!({ "path": path.display().to_string(), "error": e.to_string() })
+                        serde_json::json!({ "path": input.label(), "error": e.to_string() })
                     );
                 } else if many {
                     println!();
