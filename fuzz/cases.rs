@@ -294,7 +294,7 @@ pub fn npz(data: &[u8]) {
 
 /// A `/v1/chat/completions` body (JSON with a data URL image).
 pub fn chat_request(data: &[u8]) {
-    let _ = pali_server::chat::parse(data, None);
+    let _ = pali_server::chat::parse(data, None, 16);
 }
 
 /// A multipart upload: `[content type]\n[body…]`.

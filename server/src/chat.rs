@@ -1,11 +1,14 @@
 //! `POST /v1/chat/completions` in OpenAI's shapes: the request (one user message holding the
-//! PaliGemma prompt and one image) and the response, whole or as SSE chunks; then the
-//! handler that runs it (through the admission queue) and streams its answer.
+//! PaliGemma prompt and its images — several `image_url` parts are one prompt about all of
+//! them, in order — or one `video_url` clip, as vLLM accepts) and the response, whole or as
+//! SSE chunks; then the handler that runs it (through the admission queue) and streams its
+//! answer.
 
 use crate::admit::{self, client_gone};
-use crate::engine::{Completion, CompletionRequest, Engine, RequestOptions, Usage};
+use crate::engine::{Completion, CompletionRequest, Engine, Media, RequestOptions, Usage, Video};
 use crate::error::ApiError;
 use crate::input::body_or_error;
+use crate::input::{media_from_url, Media as InputMedia};
 use crate::state::{unix_now, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -42,6 +45,10 @@ struct ChatRequest {
     n: Option<i64>,
     #[serde(default)]
     ignore_eos: bool,
+    /// A clip's frames: how many (spread over it).
+    frames: Option<i64>,
+    /// A clip's frames: how many per second of its time.
+    fps: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +83,7 @@ enum Content {
 enum Part {
     Text { text: String },
     ImageUrl { image_url: ImageUrl },
+    VideoUrl { video_url: ImageUrl },
 }
 
 #[derive(Deserialize)]
@@ -90,8 +98,8 @@ enum ImageUrl {
 pub struct ChatJob {
     /// The PaliGemma prompt.
     pub prompt: String,
-    /// The image file's bytes.
-    pub image: Vec<u8>,
+    /// Its images, or its clip.
+    pub media: Media,
     #[allow(missing_docs)]
     pub sampling: RequestOptions,
     /// `stream: true`.
@@ -100,8 +108,16 @@ pub struct ChatJob {
     pub include_usage: bool,
 }
 
-/// Parses and checks a chat request body.
-pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiError> {
+/// Frames taken from a clip when the request says neither `frames` nor `fps` (PaliGemma 2's
+/// video transfers use 8–16 at 224 px), at most `--max-frames`.
+pub const DEFAULT_FRAMES: i64 = 16;
+
+/// Parses and checks a chat request body; a clip's `frames` may be at most `max_frames`.
+pub fn parse(
+    body: &[u8],
+    allow_files: Option<&Path>,
+    max_frames: usize,
+) -> Result<ChatJob, ApiError> {
     let req: ChatRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("malformed chat request: {e}")))?;
     if let Some(n) = req.n.filter(|&n| n != 1) {
@@ -109,7 +125,36 @@ pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiErro
             "n = {n}: only one choice per request is supported (send n = 1)"
         )));
     }
-    let (prompt, image) = prompt_and_image(&req.messages, allow_files)?;
+    let (prompt, media) = prompt_and_media(&req.messages, allow_files)?;
+    let media = match media {
+        Found::Images(images) => {
+            if req.frames.is_some() || req.fps.is_some() {
+                return Err(ApiError::invalid(
+                    "frames and fps choose a clip's frames: send the clip as a video_url part",
+                ));
+            }
+            Media::Images(images)
+        }
+        Found::Video(bytes) => {
+            let frames = match (req.frames, req.fps) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::invalid("frames and fps: send one of them"))
+                }
+                (None, None) => Some(DEFAULT_FRAMES.min(max_frames as i64)),
+                (f, _) => f,
+            };
+            if let Some(k) = frames.filter(|&k| k < 1 || k as u64 > max_frames as u64) {
+                return Err(ApiError::invalid(format!(
+                    "frames = {k}: must be 1 to {max_frames} (the server's --max-frames {max_frames})"
+                )));
+            }
+            Media::Video(Video {
+                bytes,
+                frames: frames.map(|k| k as usize),
+                fps: req.fps,
+            })
+        }
+    };
     // Only what the wire itself cannot carry is refused here; the ranges of the values are
     // the engine's rules (Engine::check_options), shared with its other front ends.
     if let Some(s) = req.seed.filter(|&s| s < 0) {
@@ -123,7 +168,7 @@ pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiErro
     });
     Ok(ChatJob {
         prompt,
-        image,
+        media,
         sampling: RequestOptions {
             max_tokens: req.max_completion_tokens.or(req.max_tokens),
             temperature: req.temperature,
@@ -138,11 +183,17 @@ pub fn parse(body: &[u8], allow_files: Option<&Path>) -> Result<ChatJob, ApiErro
     })
 }
 
-/// The one user message's text (the prompt) and its one image.
-fn prompt_and_image(
+/// What the one user message holds besides its text.
+enum Found {
+    Images(Vec<Vec<u8>>),
+    Video(Vec<u8>),
+}
+
+/// The one user message's text (the prompt) and its images (in order) or its one clip.
+fn prompt_and_media(
     messages: &[Message],
     allow_files: Option<&Path>,
-) -> Result<(String, Vec<u8>), ApiError> {
+) -> Result<(String, Found), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages is empty: send one user message with the prompt and the image",
@@ -150,18 +201,18 @@ fn prompt_and_image(
     }
     if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| m.role != "user") {
         return Err(ApiError::invalid(format!(
-            "messages[{i}] has role {:?}: PaliGemma answers one prompt about one image, so send exactly one user message",
+            "messages[{i}] has role {:?}: PaliGemma answers one prompt (about its images), so send exactly one user message",
             m.role
         )));
     }
     if messages.len() > 1 {
         return Err(ApiError::invalid(format!(
-            "{} user messages: PaliGemma answers one prompt about one image, so send exactly one",
+            "{} user messages: PaliGemma answers one prompt (about its images), so send exactly one",
             messages.len()
         )));
     }
     let mut text = Vec::new();
-    let mut images = Vec::new();
+    let (mut images, mut videos) = (Vec::new(), Vec::new());
     match &messages[0].content {
         None => {}
         Some(Content::Text(t)) => text.push(t.as_str()),
@@ -169,33 +220,50 @@ fn prompt_and_image(
             for (j, p) in parts.iter().enumerate() {
                 match p {
                     Part::Text { text: t } => text.push(t.as_str()),
-                    Part::ImageUrl { image_url } => {
-                        let url = match image_url {
-                            ImageUrl::Url(u) | ImageUrl::Object { url: u } => u,
-                        };
-                        images.push((j, url));
-                    }
+                    Part::ImageUrl {
+                        image_url: ImageUrl::Url(u) | ImageUrl::Object { url: u },
+                    } => images.push((j, u)),
+                    Part::VideoUrl {
+                        video_url: ImageUrl::Url(u) | ImageUrl::Object { url: u },
+                    } => videos.push((j, u)),
                 }
             }
         }
     }
-    let image = match images.as_slice() {
-        [] => {
-            return Err(ApiError::invalid(
-                "no image: add one image_url content part (data:image/...;base64,...)",
-            ))
-        }
-        [(j, url)] => crate::input::image_from_url(
-            url,
-            allow_files,
-            &format!("messages[0].content[{j}].image_url"),
-        )?,
-        more => {
+    let found = match (images.as_slice(), videos.as_slice()) {
+        ([], []) => return Err(ApiError::invalid(
+            "no image: add an image_url content part (data:image/...;base64,...) or a video_url",
+        )),
+        (_, [_, _, ..]) => {
             return Err(ApiError::invalid(format!(
-                "{} images in messages[0].content: PaliGemma takes one image per request",
-                more.len()
+                "{} video_url parts: send one clip per request",
+                videos.len()
             )))
         }
+        ([_, ..], [_]) => {
+            return Err(ApiError::invalid(
+                "image_url and video_url parts in one message: send images or one clip",
+            ))
+        }
+        ([], [(j, url)]) => Found::Video(media_from_url(
+            url,
+            allow_files,
+            &format!("messages[0].content[{j}].video_url"),
+            InputMedia::Video,
+        )?),
+        (images, []) => Found::Images(
+            images
+                .iter()
+                .map(|(j, url)| {
+                    media_from_url(
+                        url,
+                        allow_files,
+                        &format!("messages[0].content[{j}].image_url"),
+                        InputMedia::Image,
+                    )
+                })
+                .collect::<Result<_, _>>()?,
+        ),
     };
     let prompt = text
         .iter()
@@ -208,7 +276,7 @@ fn prompt_and_image(
             "no text: add a text content part with the PaliGemma prompt, e.g. \"caption en\"",
         ));
     }
-    Ok((prompt, image))
+    Ok((prompt, found))
 }
 
 /// Identifies one response (its id, creation time and model), shared by all its chunks.
@@ -285,7 +353,11 @@ async fn chat_response<E: Engine>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.config.max_body)?;
-    let job = parse(&body, state.config.allow_files.as_deref())?;
+    let job = parse(
+        &body,
+        state.config.allow_files.as_deref(),
+        state.config.max_frames,
+    )?;
     let engine = state.engine.get().ok_or_else(ApiError::loading)?;
     engine.check_options(&job.sampling)?;
     let rid = ResponseId {
@@ -299,7 +371,7 @@ async fn chat_response<E: Engine>(
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let req = CompletionRequest {
-        image: job.image,
+        media: job.media,
         prompt: job.prompt,
         sampling: job.sampling,
         cancel: cancel.clone(),
@@ -405,7 +477,7 @@ mod tests {
     const IMG: &str = "data:image/png;base64,aGVsbG8=";
 
     fn req(v: serde_json::Value) -> Result<ChatJob, ApiError> {
-        parse(v.to_string().as_bytes(), None)
+        parse(v.to_string().as_bytes(), None, 16)
     }
 
     fn user(parts: serde_json::Value) -> serde_json::Value {
@@ -420,9 +492,76 @@ mod tests {
         ])))
         .unwrap();
         assert_eq!(j.prompt, "caption en");
-        assert_eq!(j.image, b"hello");
+        assert_eq!(j.media, Media::Images(vec![b"hello".to_vec()]));
         assert!(!j.stream);
         assert_eq!(j.sampling, RequestOptions::default());
+    }
+
+    #[test]
+    fn several_images_and_a_clip() {
+        let img = |u: &str| serde_json::json!({ "type": "image_url", "image_url": { "url": u } });
+        let text = serde_json::json!({ "type": "text", "text": "caption en" });
+        let other = "data:image/png;base64,d29ybGQ="; // "world"
+        let j = req(user(serde_json::json!([img(IMG), text, img(other)]))).unwrap();
+        assert_eq!(
+            j.media,
+            Media::Images(vec![b"hello".to_vec(), b"world".to_vec()])
+        );
+        let clip = serde_json::json!({ "type": "video_url", "video_url": { "url": "data:video/mp4;base64,aGVsbG8=" } });
+        let j = req(user(serde_json::json!([clip, text]))).unwrap();
+        let Media::Video(v) = j.media else { panic!() };
+        assert_eq!(
+            (v.bytes.as_slice(), v.frames, v.fps),
+            (&b"hello"[..], Some(16), None)
+        );
+        let mut body = user(serde_json::json!([clip, text]));
+        body["fps"] = serde_json::json!(2.0);
+        let Media::Video(v) = req(body).unwrap().media else {
+            panic!()
+        };
+        assert_eq!((v.frames, v.fps), (None, Some(2.0)));
+        let non_video = serde_json::json!({ "type": "video_url", "video_url": { "url": "data:text/plain;base64,aGVsbG8=" } });
+        for (body, needle) in [
+            (
+                user(serde_json::json!([clip, clip, text])),
+                "2 video_url parts",
+            ),
+            (
+                user(serde_json::json!([img(IMG), clip, text])),
+                "images or one clip",
+            ),
+            (
+                user(serde_json::json!([non_video, text])),
+                "not a video type",
+            ),
+            (
+                user(serde_json::json!([
+                    img(IMG),
+                    img("data:image/png;base64,%%%"),
+                    text
+                ])),
+                "content[1].image_url: bad base64",
+            ),
+        ] {
+            let e = req(body.clone()).unwrap_err();
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+        for (field, value, needle) in [
+            (
+                "frames",
+                serde_json::json!(17),
+                "frames = 17: must be 1 to 16",
+            ),
+            ("frames", serde_json::json!(0), "frames = 0"),
+        ] {
+            let mut body = user(serde_json::json!([clip, text]));
+            body[field] = value;
+            let e = req(body).unwrap_err();
+            assert!(e.message.contains(needle), "{field}: {}", e.message);
+        }
+        let mut body = user(serde_json::json!([img(IMG), text]));
+        body["frames"] = serde_json::json!(4);
+        assert!(req(body).unwrap_err().message.contains("video_url"));
     }
 
     #[test]
@@ -433,7 +572,6 @@ mod tests {
             (serde_json::json!({"messages": "x"}), "malformed"),
             (serde_json::json!({"messages": []}), "messages is empty"),
             (user(serde_json::json!([text])), "no image"),
-            (user(serde_json::json!([img, img, text])), "2 images"),
             (user(serde_json::json!([img])), "no text"),
             (user(serde_json::json!("caption en")), "no image"),
             (

@@ -19,6 +19,9 @@ pub struct Config {
     pub max_body: usize,
     /// `--allow-files`: the folder (canonical path) whose files `image_url` may name.
     pub allow_files: Option<PathBuf>,
+    /// `--max-frames`: most frames a `video_url` clip may give one prompt (its `frames`
+    /// field; the engine checks a count from `fps`).
+    pub max_frames: usize,
     /// After SIGTERM / Ctrl-C, how long running requests may take before they are
     /// cancelled.
     pub shutdown_grace: Duration,
@@ -39,6 +42,7 @@ impl Default for Config {
             timeout: None,
             max_body: 32 << 20,
             allow_files: None,
+            max_frames: 16,
             shutdown_grace: Duration::from_secs(10),
             max_connections: 256,
             header_timeout: Duration::from_secs(10),

@@ -24,11 +24,33 @@ pub struct RequestOptions {
     pub ignore_eos: bool,
 }
 
-/// A prompt about one image.
+/// What a prompt is about, not yet decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Media {
+    /// Image files' bytes (JPEG, PNG, WebP, …): one, or several for one prompt about all of
+    /// them in order.
+    Images(Vec<Vec<u8>>),
+    /// One clip.
+    Video(Video),
+}
+
+/// A clip: a video file or an animated image, and which of its frames to take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Video {
+    /// The file's bytes.
+    pub bytes: Vec<u8>,
+    /// Frames spread over the clip (already within the server's `--max-frames`).
+    pub frames: Option<usize>,
+    /// Frames per second of the clip's time (the engine checks the count against
+    /// `--max-frames`).
+    pub fps: Option<f64>,
+}
+
+/// A prompt about one or more images or a clip.
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
-    /// The image file's bytes (JPEG, PNG, WebP, …), not yet decoded.
-    pub image: Vec<u8>,
+    /// The images or the clip.
+    pub media: Media,
     /// The PaliGemma prompt (`caption en`, `detect cat ; dog`, `answer en …`).
     pub prompt: String,
     #[allow(missing_docs)]

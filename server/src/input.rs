@@ -1,4 +1,4 @@
-//! Where a request's image comes from: a `data:` URL or bare base64, a local file under
+//! Where a request's image or video comes from: a `data:` URL or bare base64, a local file under
 //! `--allow-files DIR`, or a multipart upload. Remote URLs are refused: devices are often
 //! offline, and a server that fetches URLs can be made to probe a network.
 //! The body itself is read here too (413 over `--max-body`).
@@ -10,15 +10,36 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use std::path::Path;
 
+/// What a URL must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Media {
+    /// An `image_url`: a still image.
+    Image,
+    /// A `video_url`: a video file, or an animated GIF / PNG / WebP.
+    Video,
+}
+
 /// The image named by an OpenAI `image_url` (`field` names it in errors).
 pub fn image_from_url(
     url: &str,
     allow_files: Option<&Path>,
     field: &str,
 ) -> Result<Vec<u8>, ApiError> {
+    media_from_url(url, allow_files, field, Media::Image)
+}
+
+/// The bytes named by an `image_url` or a `video_url` (vLLM's part for clips): a data URL
+/// of that kind, or a file under `--allow-files`.
+pub fn media_from_url(
+    url: &str,
+    allow_files: Option<&Path>,
+    field: &str,
+    media: Media,
+) -> Result<Vec<u8>, ApiError> {
     let url = url.trim();
     let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
+        Some("data") if media == Media::Video => video_from_data_url(url, field),
         Some("data") => image_from_data_url(url, field),
         Some("http" | "https") => Err(ApiError::invalid(format!(
             "{field}: remote image URLs are not fetched (the server may be offline): send the image inline as a data:image/...;base64,... URL"
@@ -48,6 +69,34 @@ fn image_from_data_url(url: &str, field: &str) -> Result<Vec<u8>, ApiError> {
     if !(media.is_empty() || media.starts_with("image/") || media == "application/octet-stream") {
         return Err(ApiError::invalid(format!(
             "{field}: the data URL's type {media:?} is not an image type"
+        )));
+    }
+    decode_base64(data, field)
+}
+
+/// A `video_url`'s data URL: base64 of a video type, or of an image type that can be
+/// animated (GIF, PNG, WebP), or untyped.
+fn video_from_data_url(url: &str, field: &str) -> Result<Vec<u8>, ApiError> {
+    let (meta, data) = url["data:".len()..].split_once(',').ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{field}: malformed data URL (no ',' before the data)"
+        ))
+    })?;
+    let mut parts = meta.split(';');
+    let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    if !parts.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+        return Err(ApiError::invalid(format!(
+            "{field}: the data URL is not base64 (use data:video/mp4;base64,...)"
+        )));
+    }
+    let animated = ["image/gif", "image/png", "image/apng", "image/webp"];
+    if !(media.is_empty()
+        || media.starts_with("video/")
+        || animated.contains(&media.as_str())
+        || media == "application/octet-stream")
+    {
+        return Err(ApiError::invalid(format!(
+            "{field}: the data URL's type {media:?} is not a video type (video/..., or an animated image/gif, image/png, image/webp)"
         )));
     }
     decode_base64(data, field)

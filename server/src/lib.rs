@@ -29,7 +29,7 @@ mod state;
 pub use config::Config;
 pub use engine::{
     Completion, CompletionRequest, Engine, EngineError, ErrorKind, LocateRequest, LocateResponse,
-    RequestOptions, Stages, Usage,
+    Media, RequestOptions, Stages, Usage, Video,
 };
 pub use error::ApiError;
 

@@ -15,7 +15,7 @@
 //!   before [`ClipPlan::decode`] decodes them.
 
 use super::decode::{to_rgb8_like_pil, AlphaMode, ImageError};
-use super::rgb::RgbImage;
+use super::rgb::{ImageSize, RgbImage};
 use super::video::{self, Ffmpeg};
 use image::{AnimationDecoder, DynamicImage, Frame};
 use std::io::{BufRead, BufReader, Cursor, Read};
@@ -100,8 +100,19 @@ pub struct ClipPlan {
     pub indices: Vec<usize>,
     /// Frames in the whole clip.
     pub n_source: usize,
+    /// A frame's size (as stored: a rotated video's may be turned when decoded).
+    pub frame_size: ImageSize,
     /// Lines to report with the answer.
     pub warnings: Vec<String>,
+}
+
+impl ClipPlan {
+    /// Pixels the chosen frames will take once decoded (a request's budget).
+    pub fn pixels(&self) -> u64 {
+        self.indices.len() as u64
+            * u64::from(self.frame_size.width)
+            * u64::from(self.frame_size.height)
+    }
 }
 
 /// Whether `ffmpeg` and `ffprobe` are on the PATH (video files need them; animated images
@@ -230,6 +241,10 @@ impl ClipPlan {
             video: None,
             indices: Vec::new(),
             n_source: 0,
+            frame_size: ImageSize {
+                width: 0,
+                height: 0,
+            },
             warnings: Vec::new(),
         };
         // How many frames, and when each starts (seconds), without keeping any.
@@ -237,12 +252,18 @@ impl ClipPlan {
             Kind::Animated(_) => {
                 let mut starts = Vec::new();
                 let mut t = 0.0;
+                let mut size = (0, 0);
                 plan.frames(max_pixels, &mut |_, frame| {
+                    size = frame.buffer().dimensions();
                     starts.push(t);
                     let (num, den) = frame.delay().numer_denom_ms();
                     t += f64::from(num) / f64::from(den.max(1)) / 1000.0;
                     Ok(true)
                 })?;
+                plan.frame_size = ImageSize {
+                    width: size.0,
+                    height: size.1,
+                };
                 (starts, t)
             }
             Kind::Video => {
@@ -253,9 +274,13 @@ impl ClipPlan {
                     Source::File(p) => VideoFile::Path(p.clone()),
                     Source::Bytes(b) => VideoFile::Temp(Arc::new(TempFile::write(b, name)?)),
                 };
-                let timing = video::probe(&ff, file.path(), name)?;
+                let probe = video::probe(&ff, file.path(), name)?;
                 plan.video = Some((ff, file));
-                timing
+                plan.frame_size = ImageSize {
+                    width: probe.size.0,
+                    height: probe.size.1,
+                };
+                (probe.starts, probe.duration)
             }
         };
         let n = starts.len();

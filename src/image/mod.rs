@@ -9,7 +9,7 @@ pub mod preprocess;
 mod rgb;
 mod video;
 
-pub use clip::{Clip, ClipPlan, FrameSelection};
+pub use clip::{frame_indices, Clip, ClipPlan, FrameSelection};
 pub use decode::{decode_image, load_image, AlphaMode, ImageError, MAX_IMAGE_PIXELS};
 pub use preprocess::{preprocess, PreprocessConfig};
 pub use rgb::{ImageSize, RgbImage};

@@ -45,14 +45,21 @@ fn failed(name: &Path, what: &str, stderr: &[u8]) -> ImageError {
     }
 }
 
-/// When each frame starts (seconds) and the clip's duration: the frame count from the
-/// container's packets, at the stream's average frame rate.
-pub(super) fn probe(ff: &Ffmpeg, file: &Path, name: &Path) -> Result<(Vec<f64>, f64), ImageError> {
+/// What a probe finds: when each frame starts (seconds), the clip's duration and the frame
+/// size as stored (before any rotation; width × height is what matters).
+pub(super) struct Probe {
+    pub(super) starts: Vec<f64>,
+    pub(super) duration: f64,
+    pub(super) size: (u32, u32),
+}
+
+/// The frame count from the container's packets, at the stream's average frame rate.
+pub(super) fn probe(ff: &Ffmpeg, file: &Path, name: &Path) -> Result<Probe, ImageError> {
     let out = Command::new(&ff.ffprobe)
         .args(["-v", "error", "-select_streams", "v:0", "-count_packets"])
         .args([
             "-show_entries",
-            "stream=nb_read_packets,avg_frame_rate,r_frame_rate",
+            "stream=nb_read_packets,avg_frame_rate,r_frame_rate,width,height",
         ])
         .args(["-of", "default=noprint_wrappers=1"])
         .arg(file)
@@ -91,7 +98,12 @@ pub(super) fn probe(ff: &Ffmpeg, file: &Path, name: &Path) -> Result<(Vec<f64>, 
         .map(|i| if fps > 0.0 { i as f64 / fps } else { 0.0 })
         .collect();
     let duration = if fps > 0.0 { n as f64 / fps } else { 0.0 };
-    Ok((starts, duration))
+    let dim = |k: &str| field(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    Ok(Probe {
+        starts,
+        duration,
+        size: (dim("width"), dim("height")),
+    })
 }
 
 /// Decodes the frames numbered `wanted` (ascending, distinct), each checked against

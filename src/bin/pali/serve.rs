@@ -4,10 +4,11 @@
 use crate::args::{gen_options, load_model, ModelArgs};
 use crate::files::model_paths;
 use pali::image::decode_image;
-use pali::{FinishReason, GenerateOptions, Model, Task, Timings};
+use pali::image::{Clip, ClipPlan, FrameSelection};
+use pali::{Answer, FinishReason, GenerateOptions, Model, Task, Timings};
 use pali_server::{
     Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest, LocateResponse,
-    RequestOptions, Stages, Usage,
+    Media, RequestOptions, Stages, Usage,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +23,10 @@ pub struct PaliEngine {
     pub defaults: GenerateOptions,
     /// Context size requests must fit in (`-c`, else the model's trained context).
     pub ctx: usize,
+    /// `--max-frames`: most frames of a clip per request.
+    pub max_frames: usize,
+    /// `--max-pixels`: most decoded pixels per request (all its images or frames).
+    pub max_pixels: u64,
 }
 
 fn engine_error(e: pali::Error) -> EngineError {
@@ -78,6 +83,80 @@ fn image(bytes: &[u8]) -> Result<pali::RgbImage, EngineError> {
         .map_err(|e| EngineError::new(ErrorKind::InvalidRequest, format!("image: {e}")))
 }
 
+fn invalid(message: String) -> EngineError {
+    EngineError::new(ErrorKind::InvalidRequest, message)
+}
+
+impl PaliEngine {
+    /// A request's images, or its clip's chosen frames, decoded within the limits: at most
+    /// `--max-frames` frames and `--max-pixels` decoded pixels in all (checked before the
+    /// frames are decoded).
+    fn media(&self, media: &Media) -> Result<Loaded, EngineError> {
+        let budget = |pixels: u64| {
+            if pixels > self.max_pixels {
+                return Err(invalid(format!(
+                    "the request's images are {pixels} pixels once decoded, more than the server's --max-pixels {}",
+                    self.max_pixels
+                )));
+            }
+            Ok(())
+        };
+        match media {
+            Media::Images(files) => {
+                let images = files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, bytes)| {
+                        image(bytes).map_err(|e| match files.len() {
+                            1 => e,
+                            _ => invalid(format!("image {}: {}", i + 1, e.message)),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                budget(
+                    images
+                        .iter()
+                        .map(|i| u64::from(i.width) * u64::from(i.height))
+                        .sum(),
+                )?;
+                Ok(Loaded::Images(images))
+            }
+            Media::Video(v) => {
+                let selection = match (v.frames, v.fps) {
+                    (_, Some(f)) => FrameSelection::PerSecond(f),
+                    (k, None) => FrameSelection::Count(k.unwrap_or(self.max_frames)),
+                };
+                let plan = ClipPlan::from_bytes(
+                    v.bytes.clone(),
+                    "video_url",
+                    selection,
+                    pali::MAX_IMAGE_PIXELS,
+                )
+                .map_err(|e| invalid(format!("video: {e}")))?;
+                if plan.indices.len() > self.max_frames {
+                    return Err(invalid(format!(
+                        "video: fps = {} gives {} frames, more than the server's --max-frames {}",
+                        v.fps.unwrap_or_default(),
+                        plan.indices.len(),
+                        self.max_frames
+                    )));
+                }
+                budget(plan.pixels())?;
+                let clip = plan
+                    .decode(pali::MAX_IMAGE_PIXELS)
+                    .map_err(|e| invalid(format!("video: {e}")))?;
+                Ok(Loaded::Clip(clip))
+            }
+        }
+    }
+}
+
+/// A request's pixels.
+enum Loaded {
+    Images(Vec<pali::RgbImage>),
+    Clip(Clip),
+}
+
 impl pali_server::Engine for PaliEngine {
     fn model_id(&self) -> String {
         self.id.clone()
@@ -92,15 +171,19 @@ impl pali_server::Engine for PaliEngine {
         req: CompletionRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Completion, EngineError> {
-        let img = image(&req.image)?;
         let opts = GenerateOptions {
             cancel: Some(req.cancel.clone()),
             ..self.options(&req.sampling)?
         };
-        let a = self
-            .model
-            .answer(&img, &Task::Raw(req.prompt), &opts, on_text)
-            .map_err(engine_error)?;
+        let task = Task::Raw(req.prompt);
+        let answer = match self.media(&req.media)? {
+            Loaded::Images(images) => self.model.run(&images, &task, &opts, on_text),
+            Loaded::Clip(clip) => self.model.run_clip(&clip, &task, &opts, on_text),
+        }
+        .map_err(engine_error)?;
+        let Answer::Text(a) = answer else {
+            unreachable!("a raw prompt answers with text")
+        };
         Ok(Completion {
             finish_reason: finish(a.finish_reason),
             usage: Usage {
@@ -163,9 +246,17 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 over it).
     #[arg(long, default_value_t = 32 << 20)]
     max_body: usize,
-    /// Let image_url name files inside this folder (never outside it).
+    /// Let image_url / video_url name files inside this folder (never outside it).
     #[arg(long, value_name = "DIR")]
     allow_files: Option<PathBuf>,
+    /// Most frames a video_url clip may give one prompt (its `frames` field, or what its
+    /// `fps` field yields); 400 over it.
+    #[arg(long, default_value_t = 16)]
+    pub max_frames: usize,
+    /// Most pixels a request's images (or a clip's chosen frames) may hold once decoded, in
+    /// all; 400 over it. Default: one image at the pixel limit.
+    #[arg(long, default_value_t = pali::MAX_IMAGE_PIXELS)]
+    pub max_pixels: u64,
     /// Connections served at once; more are closed as they arrive.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
@@ -201,6 +292,9 @@ impl ServeArgs {
         if !(h > 0.0 && h.is_finite()) {
             return Err(format!("--header-timeout {h}: give seconds (more than 0)"));
         }
+        if self.max_frames == 0 || self.max_pixels == 0 {
+            return Err("--max-frames and --max-pixels must be at least 1".into());
+        }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
@@ -211,6 +305,7 @@ impl ServeArgs {
             timeout: (t > 0.0).then_some(t),
             max_body: self.max_body,
             allow_files,
+            max_frames: self.max_frames,
             max_connections: self.max_connections,
             header_timeout: Duration::from_secs_f64(h),
             ..Default::default()
@@ -249,6 +344,7 @@ pub(crate) fn run_serve(flags: ServeArgs, mut args: ModelArgs) -> Result<(), Str
         log::info!("--parallel {}: {t} threads per request", flags.parallel);
         args.threads = Some(t);
     }
+    let (max_frames, max_pixels) = (flags.max_frames, flags.max_pixels);
     let load = move || {
         let model = load_model(&args, &paths)?;
         let id = paths
@@ -266,6 +362,8 @@ pub(crate) fn run_serve(flags: ServeArgs, mut args: ModelArgs) -> Result<(), Str
             model,
             id,
             ctx,
+            max_frames,
+            max_pixels,
         })
     };
     run(flags, load)
