@@ -376,7 +376,7 @@ fn clips_equal_their_frames_as_images() {
             "{}: frames differ from the source",
             path.display()
         );
-        let (got, json) = tokens(model.run_clip(&clip, &task, &opts, &mut |_| {}).unwrap());
+        let (got, json) = tokens(model.run_clip(clip, &task, &opts, &mut |_| {}).unwrap());
         assert_eq!(got, want, "{}", path.display());
         assert_eq!(json["frames"], serde_json::json!([0, 1, 2, 3, 4]));
         assert_eq!(json["n_images"], 5);

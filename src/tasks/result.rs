@@ -4,7 +4,7 @@
 
 use super::parse::{DetectionBox, SEG_TOKENS};
 use crate::decoder::Generation;
-use crate::image::{Clip, ImageSize};
+use crate::image::ImageSize;
 use crate::mask::{mask_box, Mask};
 use crate::options::{FinishReason, Timings};
 use serde::ser::{SerializeMap, Serializer};
@@ -62,14 +62,14 @@ impl From<Generation> for TextAnswer {
 }
 
 impl Answer {
-    /// Records the clip the answer is about: its frame indices and its warnings.
-    pub fn set_clip(&mut self, clip: &Clip) {
+    /// Records the clip the answer is about: its frame indices and its warnings (first).
+    pub(crate) fn set_clip(&mut self, indices: Vec<usize>, clip_warnings: Vec<String>) {
         let (frames, warnings) = match self {
             Answer::Text(t) => (&mut t.frames, &mut t.warnings),
             Answer::Located(l) => (&mut l.frames, &mut l.warnings),
         };
-        *frames = clip.indices.clone();
-        warnings.splice(0..0, clip.warnings.iter().cloned());
+        *frames = indices;
+        warnings.splice(0..0, clip_warnings);
     }
 }
 

@@ -65,6 +65,12 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
+        self.check_images(images, task, opts)?;
+        self.run_encoded(self.encode_images(images)?, task, opts, on_text)
+    }
+
+    /// What [`Model::run`] refuses before encoding anything.
+    fn check_images(&self, images: &[RgbImage], task: &Task, opts: &GenerateOptions) -> Result<()> {
         task.check()?;
         opts.validate()?;
         if let (Task::Detect(_) | Task::Segment(_), [first, rest @ ..]) = (task, images) {
@@ -76,21 +82,30 @@ impl Model {
                 )));
             }
         }
-        self.check_context(images.len(), &task.prompt(), opts)?;
-        self.run_encoded(self.encode_images(images)?, task, opts, on_text)
+        self.check_context(images.len(), &task.prompt(), opts)
     }
 
     /// [`Model::run`] on a clip: its frames as one prompt, and its frame indices and
-    /// warnings (a short clip's repeated frames) in the answer.
+    /// warnings (a short clip's repeated frames) in the answer. The frames' pixels are freed
+    /// once they are encoded, before the decoder runs.
     pub fn run_clip(
         &self,
-        clip: &Clip,
+        clip: Clip,
         task: &Task,
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
-        let mut answer = self.run(&clip.frames, task, opts, on_text)?;
-        answer.set_clip(clip);
+        self.check_images(&clip.frames, task, opts)?;
+        let encoded = self.encode_images(&clip.frames)?;
+        let Clip {
+            frames,
+            indices,
+            warnings,
+            ..
+        } = clip;
+        drop(frames);
+        let mut answer = self.run_encoded(encoded, task, opts, on_text)?;
+        answer.set_clip(indices, warnings);
         Ok(answer)
     }
 

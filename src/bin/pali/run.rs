@@ -39,12 +39,13 @@ pub(crate) fn run_locate(
     let loaded = opened
         .ready(&model, task, &opts)
         .map_err(|e| e.to_string())?;
+    // `--draw` draws on the first image (a clip's first frame).
+    let first = outs.draw.is_some().then(|| loaded.first().clone());
     let found = match loaded.run(&model, task, &opts, &mut |_| {}) {
         Ok(Answer::Located(found)) => found,
         Ok(Answer::Text(_)) => unreachable!("detect and segment answer with objects"),
         Err(e) => return Err(e.to_string()),
     };
-    let img = loaded.first();
     if args.json {
         let mut obj = pali::tasks::to_json(&found);
         if let Some(p) = outs.draw {
@@ -58,13 +59,14 @@ pub(crate) fn run_locate(
         print_located(&found);
     }
     let masks = found.masks();
-    if let Some(p) = outs.draw {
+    if let (Some(p), Some(img)) = (outs.draw, &first) {
         let pic = pali::draw::draw_segments(img, &found.boxes(), &masks);
         pali::draw::save_png(&pic, p).map_err(|e| e.to_string())?;
     }
     if let Some(p) = outs.mask_out {
         let refs: Vec<&pali::Mask> = masks.into_iter().flatten().collect();
-        pali::draw::save_mask_png(&refs, img.width, img.height, p).map_err(|e| e.to_string())?;
+        let size = found.image;
+        pali::draw::save_mask_png(&refs, size.width, size.height, p).map_err(|e| e.to_string())?;
     }
     Ok(true)
 }
@@ -176,15 +178,16 @@ enum Loaded {
 }
 
 impl Loaded {
+    /// Runs the task; a clip's frames are freed once encoded.
     fn run(
-        &self,
+        self,
         model: &Model,
         task: &Task,
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> pali::Result<Answer> {
         match self {
-            Loaded::Images(images) => model.run(images, task, opts, on_text),
+            Loaded::Images(images) => model.run(&images, task, opts, on_text),
             Loaded::Clip(clip) => model.run_clip(clip, task, opts, on_text),
         }
     }

@@ -178,7 +178,7 @@ impl pali_server::Engine for PaliEngine {
         let task = Task::Raw(req.prompt);
         let answer = match self.media(&req.media)? {
             Loaded::Images(images) => self.model.run(&images, &task, &opts, on_text),
-            Loaded::Clip(clip) => self.model.run_clip(&clip, &task, &opts, on_text),
+            Loaded::Clip(clip) => self.model.run_clip(clip, &task, &opts, on_text),
         }
         .map_err(engine_error)?;
         let Answer::Text(a) = answer else {
