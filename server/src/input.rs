@@ -54,29 +54,34 @@ pub fn media_from_url(
 
 /// `data:[<type>][;base64],<data>`: only base64 data of an image type (or none) is accepted.
 fn image_from_data_url(url: &str, field: &str) -> Result<Vec<u8>, ApiError> {
-    let (meta, data) = url["data:".len()..].split_once(',').ok_or_else(|| {
-        ApiError::invalid(format!(
-            "{field}: malformed data URL (no ',' before the data)"
-        ))
-    })?;
-    let mut parts = meta.split(';');
-    let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-    if !parts.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
-        return Err(ApiError::invalid(format!(
-            "{field}: the data URL is not base64 (use data:image/png;base64,...)"
-        )));
-    }
-    if !(media.is_empty() || media.starts_with("image/") || media == "application/octet-stream") {
-        return Err(ApiError::invalid(format!(
-            "{field}: the data URL's type {media:?} is not an image type"
-        )));
-    }
-    decode_base64(data, field)
+    from_data_url(
+        url,
+        field,
+        "data:image/png;base64,...",
+        "an image type",
+        |media| media.starts_with("image/"),
+    )
 }
 
 /// A `video_url`'s data URL: base64 of a video type, or of an image type that can be
 /// animated (GIF, PNG, WebP), or untyped.
 fn video_from_data_url(url: &str, field: &str) -> Result<Vec<u8>, ApiError> {
+    let what = "a video type (video/..., or an animated image/gif, image/png, image/webp)";
+    from_data_url(url, field, "data:video/mp4;base64,...", what, |media| {
+        media.starts_with("video/")
+            || ["image/gif", "image/png", "image/apng", "image/webp"].contains(&media)
+    })
+}
+
+/// The bytes of a base64 data URL whose media type `accepts` (an untyped one and
+/// `application/octet-stream` always pass); `example` and `what` word the refusals.
+fn from_data_url(
+    url: &str,
+    field: &str,
+    example: &str,
+    what: &str,
+    accepts: impl Fn(&str) -> bool,
+) -> Result<Vec<u8>, ApiError> {
     let (meta, data) = url["data:".len()..].split_once(',').ok_or_else(|| {
         ApiError::invalid(format!(
             "{field}: malformed data URL (no ',' before the data)"
@@ -86,17 +91,12 @@ fn video_from_data_url(url: &str, field: &str) -> Result<Vec<u8>, ApiError> {
     let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
     if !parts.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
         return Err(ApiError::invalid(format!(
-            "{field}: the data URL is not base64 (use data:video/mp4;base64,...)"
+            "{field}: the data URL is not base64 (use {example})"
         )));
     }
-    let animated = ["image/gif", "image/png", "image/apng", "image/webp"];
-    if !(media.is_empty()
-        || media.starts_with("video/")
-        || animated.contains(&media.as_str())
-        || media == "application/octet-stream")
-    {
+    if !(media.is_empty() || media == "application/octet-stream" || accepts(&media)) {
         return Err(ApiError::invalid(format!(
-            "{field}: the data URL's type {media:?} is not a video type (video/..., or an animated image/gif, image/png, image/webp)"
+            "{field}: the data URL's type {media:?} is not {what}"
         )));
     }
     decode_base64(data, field)
