@@ -56,6 +56,9 @@ def inputs(a):
     bgr = np.ascontiguousarray(a[..., ::-1])
     yield "bgr=True", bgr, {"bgr": True}
     yield "bgr view, bgr=True", a[..., ::-1], {"bgr": True}
+    # picamera2's XRGB8888 arrays: B, G, R, X bytes per pixel; a view drops X.
+    xbgr = np.dstack([bgr, np.full(a.shape[:2], 255, np.uint8)])
+    yield "XRGB8888 frame[..., :3], bgr=True", xbgr[..., :3], {"bgr": True}
     yield "pali.Image.from_bgr", pali.Image.from_bgr(bgr), {}
     yield "pali.Image", pali.Image(path), {}
     yield "pali.Image(bgr=True)", pali.Image(bgr, bgr=True), {}

@@ -115,7 +115,12 @@ try:
         model.caption(sys.argv[1], max_tokens=4000, ignore_eos=True)
     print("finished")
 except KeyboardInterrupt:
-    print("interrupted", round(time.monotonic() - t0, 2), pali._native.running_generations())
+    t1 = time.monotonic()
+    # Interrupted between two pieces (in Python code), a dropped stream's thread stops at
+    # its next token, on its own.
+    while pali._native.running_generations() and time.monotonic() - t1 < 5:
+        time.sleep(0.01)
+    print("interrupted", round(t1 - t0, 2), pali._native.running_generations())
 """
 
 

@@ -1,0 +1,103 @@
+"""Python's overhead: `model.caption(numpy_frame)` against `pali bench` on the same files.
+
+    python python/bench/overhead.py [--size 640x480] [--rounds 7] [--runs 10] [-n 1] [-t 2]
+                                    [-m DECODER.gguf --mmproj MMPROJ.gguf] [--cli target/release/pali]
+
+The frame is examples/images/three_shapes_wide.png resized to --size (a camera frame),
+saved as PNG for `pali bench` and loaded once into a numpy uint8 (H, W, 3) array for Python.
+Rounds alternate: A = `pali bench FRAME.png -r RUNS -n N --json` (its median TTFT =
+preprocess + vision + prefill), B = RUNS calls of `model.caption(frame, max_tokens=N,
+ignore_eos=True)` in this process (the library's own TTFT of each call, and the call's wall
+time). Python's overhead per call = wall - (preprocess + vision + prefill + decode): the
+frame's copy, the generation thread, the JSON answer and anything else outside the
+library's timed stages. Prints one JSON object; medians over all runs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+import pali
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="640x480")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("-n", type=int, default=1)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-m", "--model")
+    ap.add_argument("--mmproj")
+    ap.add_argument("--cli", default=str(ROOT / "target" / "release" / "pali"))
+    args = ap.parse_args()
+
+    w, h = map(int, args.size.split("x"))
+    src = PILImage.open(ROOT / "examples" / "images" / "three_shapes_wide.png").convert("RGB")
+    tmp = Path(tempfile.mkdtemp())
+    png = tmp / f"frame-{w}x{h}.png"
+    src.resize((w, h), PILImage.BICUBIC).save(png)
+    frame = np.asarray(PILImage.open(png).convert("RGB"))
+
+    if args.model:
+        model = pali.Model(args.model, args.mmproj, threads=args.threads, low_mem=False)
+        model_flags = ["-m", args.model] + (["--mmproj", args.mmproj] if args.mmproj else [])
+    else:
+        model = pali.Model.demo(threads=args.threads, low_mem=False)
+        decoder, mmproj, _ = model.paths
+        model_flags = ["-m", str(decoder), "--mmproj", str(mmproj)]
+    bench = [args.cli, "bench", str(png), "-r", str(args.runs), "-n", str(args.n),
+             "-t", str(args.threads), "--low-mem", "off", "--json", *model_flags]
+    opts = dict(max_tokens=args.n, ignore_eos=True)
+    model.caption(frame, **opts)  # warm-up, as pali bench's first run
+
+    cli_ttft, py_ttft, py_wall, overhead = [], [], [], []
+    load = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        out = json.loads(subprocess.run(bench, check=True, capture_output=True, text=True).stdout)
+        cli_ttft.append(out["median_ttft_ms"])
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            r = model.caption(frame, **opts)
+            wall = (time.perf_counter() - t0) * 1e3
+            t = r.timings
+            py_ttft.append(t.ttft_ms)
+            py_wall.append(wall - t.decode_ms)
+            overhead.append(wall - (t.ttft_ms + t.decode_ms))
+    load.append(os.getloadavg()[0])
+
+    med = statistics.median
+    a, b = med(cli_ttft), med(py_ttft)
+    print(json.dumps({
+        "cpu": cpu_model(), "threads": args.threads, "frame": f"{w}x{h}",
+        "frame_copy_bytes": pali.Image(frame).nbytes, "rounds": args.rounds,
+        "runs_per_round": args.runs, "n_gen": args.n,
+        "model": "demo" if not args.model else os.path.basename(args.model),
+        "cli_median_ttft_ms": round(a, 3), "python_median_ttft_ms": round(b, 3),
+        "python_ttft_vs_cli": f"{(b / a - 1) * 100:+.2f} %",
+        "python_median_wall_to_first_token_ms": round(med(py_wall), 3),
+        "python_median_overhead_ms": round(med(overhead), 3),
+        "python_overhead_of_cli_ttft": f"{med(overhead) / a * 100:.2f} %",
+        "loadavg_start_end": load,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
