@@ -55,8 +55,12 @@ impl Source {
             }
             return Ok(Source::Encoded(obj.extract::<PyBackedBytes>()?));
         }
-        if let Ok(array) = obj.cast::<PyUntypedArray>() {
-            return Ok(Source::Pixels(Arc::new(pixels(array, bgr)?)));
+        // An array exists only once numpy is imported (the numpy crate would panic
+        // looking for numpy's API in a process without it).
+        if imported(py, "numpy")? {
+            if let Ok(array) = obj.cast::<PyUntypedArray>() {
+                return Ok(Source::Pixels(Arc::new(pixels(array, bgr)?)));
+            }
         }
         if let Some(rgb) = pil_pixels(obj)? {
             if bgr {
@@ -91,13 +95,14 @@ impl Source {
 /// library's decoder follows too), if `obj` is one. PIL is only looked at once imported.
 fn pil_pixels<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyUntypedArray>>> {
     let py = obj.py();
-    let modules = py.import("sys")?.getattr("modules")?;
-    let Ok(pil) = modules.get_item("PIL.Image") else {
+    if !imported(py, "PIL.Image")? {
         return Ok(None);
-    };
+    }
+    let pil = py.import("PIL.Image")?;
     if !obj.is_instance(&pil.getattr("Image")?)? {
         return Ok(None);
     }
+    need_numpy(py, "a PIL image")?;
     let rgb = if obj.getattr("mode")?.extract::<String>()? == "RGB" {
         obj.clone()
     } else {
@@ -107,6 +112,22 @@ fn pil_pixels<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyUnty
     Ok(Some(
         array.cast_into::<PyUntypedArray>().map_err(PyErr::from)?,
     ))
+}
+
+/// Whether `module` is imported already (a value of its types can exist).
+fn imported(py: Python<'_>, module: &str) -> PyResult<bool> {
+    py.import("sys")?.getattr("modules")?.contains(module)
+}
+
+/// Imports numpy, or says that `what` needs it (`pali.Error`).
+pub(crate) fn need_numpy(py: Python<'_>, what: &str) -> PyResult<()> {
+    py.import("numpy").map(drop).map_err(|e| {
+        errors::error(
+            py,
+            Kind::Base,
+            format!("{what} needs numpy (pip install numpy): {e}"),
+        )
+    })
 }
 
 /// Copies an (H, W, 3) uint8 array of any strides into an `RgbImage`: H × W × 3 bytes, the
@@ -223,6 +244,7 @@ impl Image {
 
     /// The pixels as a new numpy uint8 array (H, W, 3), RGB.
     fn to_numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray3<u8>>> {
+        need_numpy(py, "Image.to_numpy()")?;
         let (h, w) = (self.rgb.height as usize, self.rgb.width as usize);
         let flat = numpy::PyArray1::from_slice(py, &self.rgb.data);
         flat.reshape([h, w, 3])

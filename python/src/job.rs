@@ -259,6 +259,11 @@ fn finish(py: Python<'_>, outcome: Outcome) -> PyResult<PyAnswer> {
         Err(panic) => return Err(errors::from_panic(py, &*panic)),
     };
     let json = pali::tasks::to_json(&answer).to_string();
+    if let Answer::Located(found) = &answer {
+        if found.masks().iter().any(Option::is_some) {
+            crate::image::need_numpy(py, "segment's masks")?;
+        }
+    }
     let masks = match answer {
         Answer::Text(_) => Vec::new(),
         Answer::Located(found) => found

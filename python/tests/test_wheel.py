@@ -63,17 +63,25 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
     png = work / "frame.png"
     png.write_bytes(image("one_shape").read_bytes())
     script = (
-        "import pali, sys; m = pali.Model.demo(); "
-        "print(pali.__file__); print(m.paths[0]); "
-        "print(m.caption(open('frame.png', 'rb').read()).text); "
-        "print(m.detect('frame.png', 'triangle').objects[0].label)"
+        "import pali, sys; m = pali.Model.demo()\n"
+        "print(pali.__file__); print(m.paths[0])\n"
+        "print(m.caption(open('frame.png', 'rb').read()).text)\n"
+        "print(m.detect('frame.png', 'triangle').objects[0].label)\n"
+        # numpy (a dependency, not installed here) is only needed for arrays and masks,
+        # and its absence is an error, not a panic.
+        "try: m.segment('frame.png', 'triangle')\n"
+        "except pali.Error as e: print(type(e).__name__, e)\n"
+        "try: m.caption(42)\n"
+        "except pali.ImageError as e: print(type(e).__name__)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run(
         [python, "-I", "-c", script], cwd=work, capture_output=True, text=True, env=env, timeout=120
     )
     assert p.returncode == 0, p.stderr
-    where, decoder, caption, label = p.stdout.split("\n")[:4]
+    where, decoder, caption, label, no_numpy, bad_type = p.stdout.split("\n")[:6]
     assert where.startswith(str(env_dir)) and decoder.startswith(str(env_dir))
     assert (caption, label) == ("a green triangle", "triangle")
+    assert no_numpy.startswith("Error segment's masks needs numpy (pip install numpy)")
+    assert bad_type == "ImageError"
     assert p.stderr == ""
