@@ -1,6 +1,7 @@
 """The answers of pali's tasks, built from the library's JSON (``pali ... --json``)."""
 
 import copy
+import json
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 try:  # numpy is a dependency; only masks need it
@@ -52,10 +53,13 @@ class Box(NamedTuple):
 
 
 class _Answer:
-    __slots__ = ("_json",)
+    # _run_ms: the generation thread's time for this answer (decoding the image + the
+    # library's Model::run), which python/bench/overhead.py sets against the call's.
+    __slots__ = ("_json", "_run_ms")
 
     def __init__(self, data: Dict[str, Any]):
         self._json = data
+        self._run_ms = None
 
     @property
     def text(self) -> str:
@@ -191,11 +195,9 @@ class Located(_Answer):
         return f"Located(objects={self.objects!r})"
 
 
-def _answer(native: Tuple[str, List[Optional["numpy.ndarray"]]]):
-    import json
-
-    text, masks = native
+def _answer(native: Tuple[str, List[Optional["numpy.ndarray"]], float]):
+    text, masks, run_ms = native
     data = json.loads(text)
-    if "objects" in data:
-        return Located(data, masks)
-    return TextAnswer(data)
+    answer = Located(data, masks) if "objects" in data else TextAnswer(data)
+    answer._run_ms = run_ms
+    return answer

@@ -11,8 +11,9 @@ __version__: str
 MAX_IMAGE_PIXELS: int
 
 _Path = Union[str, os.PathLike]
-# (the answer's JSON, exactly `pali … --json`; segment masks, one per object)
-_Answer = Tuple[str, List[Optional[numpy.ndarray]]]
+# (the answer's JSON, exactly `pali … --json`; segment masks, one per object; the
+# generation thread's milliseconds: image decoding + the library's Model::run)
+_Answer = Tuple[str, List[Optional[numpy.ndarray]], float]
 
 class Image:
     """A decoded RGB image, ready for any number of calls (pixels are not copied again).

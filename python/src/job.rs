@@ -44,7 +44,9 @@ impl Drop for Running {
     }
 }
 
-type Outcome = std::thread::Result<pali::Result<Answer>>;
+/// The answer (or the error, or a panic's payload) and the milliseconds the thread spent
+/// on it (decoding the image, then `Model::run`), for measuring what Python adds.
+type Outcome = (std::thread::Result<pali::Result<Answer>>, f64);
 
 enum Event {
     Piece(String),
@@ -57,9 +59,10 @@ pub(crate) struct Job {
     events: Mutex<Receiver<Event>>,
 }
 
-/// What a finished job returns to Python: the answer's JSON (exactly `pali … --json`'s)
-/// and, for `segment` with a mask decoder, each object's mask as a numpy bool (H, W) array.
-pub(crate) type PyAnswer = (String, Vec<Option<Py<PyArray2<bool>>>>);
+/// What a finished job returns to Python: the answer's JSON (exactly `pali … --json`'s),
+/// for `segment` with a mask decoder each object's mask as a numpy bool (H, W) array, and
+/// the generation thread's milliseconds (image decoding + `Model::run`; benchmarks).
+pub(crate) type PyAnswer = (String, Vec<Option<Py<PyArray2<bool>>>>, f64);
 
 impl Job {
     /// Starts `task` on a new thread: the image is decoded there, then `Model::run`.
@@ -82,6 +85,7 @@ impl Job {
         let work = move || {
             let _running = running;
             let pieces = tx.clone();
+            let t0 = std::time::Instant::now();
             let outcome = catch_unwind(AssertUnwindSafe(|| {
                 let image = image.decode()?;
                 // Several images (issue 26): `Source::decode` is the one conversion;
@@ -92,7 +96,8 @@ impl Job {
                     }
                 })
             }));
-            let _ = tx.send(Event::Done(outcome));
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let _ = tx.send(Event::Done((outcome, ms)));
         };
         std::thread::Builder::new()
             .name("pali-generate".into())
@@ -226,14 +231,9 @@ impl Stream {
     /// The answer's JSON and masks once the iteration has ended, else None.
     #[getter]
     fn result(&self, py: Python<'_>) -> Option<PyAnswer> {
-        self.result.as_ref().map(|(json, masks)| {
-            (
-                json.clone(),
-                masks
-                    .iter()
-                    .map(|m| m.as_ref().map(|m| m.clone_ref(py)))
-                    .collect(),
-            )
+        self.result.as_ref().map(|(json, masks, ms)| {
+            let masks = masks.iter().map(|m| m.as_ref().map(|m| m.clone_ref(py)));
+            (json.clone(), masks.collect(), *ms)
         })
     }
 
@@ -252,7 +252,7 @@ impl Drop for Stream {
 }
 
 /// The outcome of a generation as Python values or the Python exception.
-fn finish(py: Python<'_>, outcome: Outcome) -> PyResult<PyAnswer> {
+fn finish(py: Python<'_>, (outcome, ms): Outcome) -> PyResult<PyAnswer> {
     let answer = match outcome {
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => return Err(errors::from_pali(py, e)),
@@ -280,5 +280,5 @@ fn finish(py: Python<'_>, outcome: Outcome) -> PyResult<PyAnswer> {
             })
             .collect(),
     };
-    Ok((json, masks))
+    Ok((json, masks, ms))
 }
