@@ -10,7 +10,7 @@ use numpy::{IntoPyArray, PyArray2};
 use pali::{Answer, CancelFlag, GenerateOptions, Task};
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,29 +18,48 @@ use std::time::Duration;
 /// How often a waiting thread lets Python handle signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-/// Generation threads running now (`pali._native.running_generations()`).
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// The cancel flags of the generation threads running now, one per thread.
+static RUNNING: Mutex<Vec<CancelFlag>> = Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<CancelFlag>> {
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The number of generation threads still running (tests check that a cancelled stream
 /// really stopped).
 #[pyfunction]
 pub(crate) fn running_generations() -> usize {
-    RUNNING.load(Ordering::SeqCst)
+    running().len()
 }
 
-/// Counts a generation thread from its start to its end.
-struct Running;
+/// Cancels every running generation and waits (at most `limit`) for their threads to end:
+/// at exit, so that no thread is still inside llama.cpp while the process tears it down
+/// (a stream dropped by a `KeyboardInterrupt` stops at its next token, on its own).
+pub(crate) fn cancel_all(py: Python<'_>, limit: Duration) {
+    for flag in running().iter() {
+        flag.store(true, Ordering::SeqCst);
+    }
+    let end = std::time::Instant::now() + limit;
+    py.detach(|| {
+        while running_generations() > 0 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+}
+
+/// Registers a generation thread's cancel flag from its start to its end.
+struct Running(CancelFlag);
 
 impl Running {
-    fn start() -> Running {
-        RUNNING.fetch_add(1, Ordering::SeqCst);
-        Running
+    fn start(flag: &CancelFlag) -> Running {
+        running().push(flag.clone());
+        Running(flag.clone())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        running().retain(|f| !Arc::ptr_eq(f, &self.0));
     }
 }
 
@@ -81,7 +100,7 @@ impl Job {
             ..opts
         };
         let (tx, rx) = mpsc::channel();
-        let running = Running::start();
+        let running = Running::start(&cancel);
         let work = move || {
             let _running = running;
             let pieces = tx.clone();

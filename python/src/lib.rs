@@ -18,9 +18,11 @@ mod model;
 
 use pyo3::prelude::*;
 
-/// Stops forwarding log lines to Python (registered with `atexit`).
+/// At exit (registered with `atexit`): cancels running generations, waits up to 5 s for
+/// their threads, then stops forwarding log lines to Python.
 #[pyfunction]
-fn _shutdown() {
+fn _shutdown(py: Python<'_>) {
+    job::cancel_all(py, std::time::Duration::from_secs(5));
     logging::shutdown();
 }
 

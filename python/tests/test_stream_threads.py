@@ -136,3 +136,21 @@ def test_ctrl_c_cancels_and_raises_keyboard_interrupt(how):
     word, seconds, running = p.stdout.split()
     assert word == "interrupted", p.stdout
     assert float(seconds) < 3 and running == "0", p.stdout
+
+
+def test_exit_with_a_generation_running_is_clean():
+    # The interpreter exits while a stream it still holds generates: atexit cancels it and
+    # waits for its thread, so nothing is inside llama.cpp while the process tears down.
+    script = (
+        "import sys, time, pali\n"
+        "m = pali.Model.demo()\n"
+        "s = m.stream(sys.argv[1], 'caption en', max_tokens=4000, ignore_eos=True)\n"
+        "next(s)\n"
+        "print(pali._native.running_generations())\n"
+    )
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(IMG)], capture_output=True, text=True, timeout=60
+    )
+    assert (p.returncode, p.stdout, p.stderr) == (0, "1\n", "")
+    assert time.monotonic() - t0 < 10
