@@ -66,6 +66,10 @@ def test_breaking_out_of_a_loop_cancels(model):
 
 
 def test_two_threads_give_the_same_answers_as_one(model):
+    # One ggml thread per generation: two generations of all-core thread pools on a
+    # 2-core machine spin against each other (BENCHMARKS.md, "Server").
+    decoder, mmproj, vae = model.paths
+    model = pali.Model(decoder, mmproj, vae, threads=1)
     tasks = [
         lambda n: model.caption(image(n)),
         lambda n: model.detect(image(n), ["circle", "square", "triangle"]),
