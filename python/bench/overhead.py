@@ -12,8 +12,8 @@ overhead = the call's wall time - the generation thread's time (image + `Model::
 i.e. argument conversion, the frame's one copy, starting and joining the thread, the JSON
 answer into Python objects; and the library's untimed work (its llama.cpp context,
 tokenizing: the CLI has it too) = the thread's time - the timed stages. Then the wall time
-to the first piece of `model.stream(frame, "caption en")`. Prints one JSON object; medians
-over all runs.
+to the first piece of `model.stream(frame, "caption en")`. Prints one JSON object: medians
+of the rounds' medians (and the best round's, least disturbed by other processes).
 """
 
 import argparse
@@ -71,35 +71,39 @@ def main():
     opts = dict(max_tokens=args.n, ignore_eos=True)
     model.caption(frame, **opts)  # warm-up, as pali bench's first run
 
+    med = statistics.median
+    # Per round: pali bench's median TTFT, and the median of this process's RUNS calls.
     cli_ttft, py_ttft, binding, untimed, first_piece = [], [], [], [], []
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         out = json.loads(subprocess.run(bench, check=True, capture_output=True, text=True).stdout)
         cli_ttft.append(out["median_ttft_ms"])
+        ttft, over, lib, first = [], [], [], []
         for _ in range(args.runs):
             t0 = time.perf_counter()
             r = model.caption(frame, **opts)
             wall = (time.perf_counter() - t0) * 1e3
             t = r.timings
-            py_ttft.append(t.ttft_ms)
-            binding.append(wall - r._run_ms)
-            untimed.append(r._run_ms - (t.ttft_ms + t.decode_ms))
+            ttft.append(t.ttft_ms)
+            over.append(wall - r._run_ms)
+            lib.append(r._run_ms - (t.ttft_ms + t.decode_ms))
             t0 = time.perf_counter()
             s = model.stream(frame, "caption en", **opts)
             next(s)
-            first_piece.append((time.perf_counter() - t0) * 1e3)
+            first.append((time.perf_counter() - t0) * 1e3)
             s.close()
+        for acc, v in zip((py_ttft, binding, untimed, first_piece), (ttft, over, lib, first)):
+            acc.append(med(v))
     load.append(os.getloadavg()[0])
 
-    med = statistics.median
     a = med(cli_ttft)
     print(json.dumps({
         "cpu": cpu_model(), "threads": args.threads, "frame": f"{w}x{h}",
         "frame_copy_bytes": pali.Image(frame).nbytes, "rounds": args.rounds,
         "runs_per_round": args.runs, "n_gen": args.n,
         "model": "demo" if not args.model else os.path.basename(args.model),
-        "cli_median_ttft_ms": round(a, 3),
-        "python_median_ttft_ms": round(med(py_ttft), 3),
+        "cli_ttft_ms_median_min": [round(a, 3), round(min(cli_ttft), 3)],
+        "python_ttft_ms_median_min": [round(med(py_ttft), 3), round(min(py_ttft), 3)],
         "python_ttft_vs_cli": f"{(med(py_ttft) / a - 1) * 100:+.2f} %",
         "binding_overhead_ms": round(med(binding), 3),
         "binding_overhead_of_cli_ttft": f"{med(binding) / a * 100:.2f} %",
