@@ -2,6 +2,7 @@
 
     python python/bench/overhead.py [--size 640x480] [--rounds 7] [--runs 10] [-n 1] [-t 2]
                                     [-m DECODER.gguf --mmproj MMPROJ.gguf] [--cli target/release/pali]
+                                    [--no-cpu]
 
 The frame is examples/images/three_shapes_wide.png resized to --size (a camera frame),
 saved as PNG for `pali bench` and loaded once into a numpy uint8 (H, W, 3) array for Python.
@@ -12,15 +13,20 @@ overhead = the call's wall time - the generation thread's time (image + `Model::
 i.e. argument conversion, the frame's one copy, starting and joining the thread, the JSON
 answer into Python objects; and the library's untimed work (its llama.cpp context,
 tokenizing: the CLI has it too) = the thread's time - the timed stages. Then the wall time
-to the first piece of `model.stream(frame, "caption en")`. Prints one JSON object: medians
-of the rounds' medians (and the best round's, least disturbed by other processes).
+to the first piece of `model.stream(frame, "caption en")`. And the CPU time per call on
+each side (the CLI's from two runs of `pali bench`, RUNS and 2 x RUNS calls; with `-t 1`
+this is steady however busy the machine is, since no ggml thread spins waiting for another).
+Prints one JSON object: medians of the rounds' medians (and the best round's, least
+disturbed by other processes).
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +56,7 @@ def main():
     ap.add_argument("-m", "--model")
     ap.add_argument("--mmproj")
     ap.add_argument("--cli", default=str(ROOT / "target" / "release" / "pali"))
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU time per call")
     args = ap.parse_args()
 
     w, h = map(int, args.size.split("x"))
@@ -75,9 +82,30 @@ def main():
     # Per round: pali bench's median TTFT, and the median of this process's RUNS calls.
     cli_ttft, py_ttft, binding, untimed, first_piece = [], [], [], [], []
     load = [os.getloadavg()[0]]
+    cli_cpu, py_cpu = [], []
+
+    def cpu_ms(who):
+        r = resource.getrusage(who)
+        return (r.ru_utime + r.ru_stime) * 1e3
+
+    def run_cli(runs):
+        c0 = cpu_ms(resource.RUSAGE_CHILDREN)
+        cmd = bench[:4] + [str(runs)] + bench[5:]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out), cpu_ms(resource.RUSAGE_CHILDREN) - c0
+
     for _ in range(args.rounds):
-        out = json.loads(subprocess.run(bench, check=True, capture_output=True, text=True).stdout)
+        out, cpu = run_cli(args.runs)
         cli_ttft.append(out["median_ttft_ms"])
+        # CPU time per call: a second run with twice the calls, the difference per call
+        # (loading and the warm-up cancel out). Robust to other processes with -t 1.
+        if not args.no_cpu:
+            _, cpu2 = run_cli(2 * args.runs)
+            cli_cpu.append((cpu2 - cpu) / args.runs)
+            c0 = cpu_ms(resource.RUSAGE_SELF)
+            for _ in range(args.runs):
+                model.caption(frame, **opts)
+            py_cpu.append((cpu_ms(resource.RUSAGE_SELF) - c0) / args.runs)
         ttft, over, lib, first = [], [], [], []
         for _ in range(args.runs):
             t0 = time.perf_counter()
@@ -94,6 +122,8 @@ def main():
             s.close()
         for acc, v in zip((py_ttft, binding, untimed, first_piece), (ttft, over, lib, first)):
             acc.append(med(v))
+        print(f"round {len(cli_ttft)}: pali bench {cli_ttft[-1]:.2f} ms, Python {py_ttft[-1]:.2f}"
+              f" ms, binding {binding[-1]:.3f} ms", file=sys.stderr)
     load.append(os.getloadavg()[0])
 
     a = med(cli_ttft)
@@ -105,7 +135,10 @@ def main():
         "cli_ttft_ms_median_min": [round(a, 3), round(min(cli_ttft), 3)],
         "python_ttft_ms_median_min": [round(med(py_ttft), 3), round(min(py_ttft), 3)],
         "python_ttft_vs_cli": f"{(med(py_ttft) / a - 1) * 100:+.2f} %",
+        "cli_cpu_ms_per_call": round(med(cli_cpu), 3) if cli_cpu else None,
+        "python_cpu_ms_per_call": round(med(py_cpu), 3) if py_cpu else None,
         "binding_overhead_ms": round(med(binding), 3),
+        "binding_overhead_ms_min": round(min(binding), 3),
         "binding_overhead_of_cli_ttft": f"{med(binding) / a * 100:.2f} %",
         "library_untimed_ms": round(med(untimed), 3),
         "stream_first_piece_ms": round(med(first_piece), 3),
