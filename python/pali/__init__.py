@@ -81,8 +81,9 @@ class Stream:
     """The text of a generation as it is generated (``Model.stream``).
 
     Iterate over it for the pieces; once the iteration has ended, ``result`` is the
-    ``TextAnswer``. ``close()``, leaving a ``with`` block, breaking out of a ``for`` loop
-    over it or dropping it cancels the generation (it stops at its next token).
+    ``TextAnswer``. ``close()`` (from any thread: an iteration waiting in another thread
+    then ends), leaving a ``with`` block, breaking out of a ``for`` loop over it or
+    dropping it cancels the generation (it stops at its next token).
     Ctrl-C while waiting for a piece cancels it too and raises ``KeyboardInterrupt``.
     """
 

@@ -10,7 +10,7 @@ use numpy::{IntoPyArray, PyArray2};
 use pali::{Answer, CancelFlag, GenerateOptions, Task};
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -187,11 +187,19 @@ fn vanished(py: Python<'_>) -> PyErr {
 }
 
 /// A generation's text as it is generated: iterate over it for the pieces; `result` is the
-/// answer once the iteration ended. `close()` (or dropping it, or breaking out of a `for`
-/// loop over it) cancels the generation.
-#[pyclass(module = "pali._native", name = "Stream")]
+/// answer once the iteration ended. `close()` (from any thread, also while another thread
+/// waits for a piece), dropping it or breaking out of a `for` loop over it cancels the
+/// generation.
+#[pyclass(module = "pali._native", name = "Stream", frozen)]
 pub(crate) struct Stream {
     job: Job,
+    /// Set by `close()`: the end of the generation is then no error.
+    closed: AtomicBool,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
     result: Option<PyAnswer>,
     done: bool,
     cancelled: bool,
@@ -201,10 +209,20 @@ impl Stream {
     pub(crate) fn new(job: Job) -> Self {
         Stream {
             job,
-            result: None,
-            done: false,
-            cancelled: false,
+            closed: AtomicBool::new(false),
+            state: Mutex::new(StreamState::default()),
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the end: cancelled (by `close()` or a signal) or not.
+    fn end(&self, cancelled: bool) {
+        let mut state = self.state();
+        state.done = true;
+        state.cancelled |= cancelled;
     }
 }
 
@@ -214,43 +232,48 @@ impl Stream {
         slf
     }
 
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        if self.done {
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        if self.state().done {
             return Ok(None);
         }
         let event = self.job.next_event(py);
+        // Closed from another thread: what is left is no longer wanted.
+        if event.is_ok() && self.closed.load(Ordering::SeqCst) {
+            self.end(true);
+            return Ok(None);
+        }
         match event {
             Ok(Some(Event::Piece(p))) => Ok(Some(p)),
             Ok(Some(Event::Done(outcome))) => {
-                self.done = true;
-                self.result = Some(finish(py, outcome)?);
+                self.end(false);
+                let answer = finish(py, outcome)?;
+                self.state().result = Some(answer);
                 Ok(None)
             }
             Ok(None) => {
-                self.done = true;
+                self.end(false);
                 Err(vanished(py))
             }
             Err(e) => {
-                self.done = true;
-                self.cancelled = true;
+                self.end(true);
                 Err(e)
             }
         }
     }
 
     /// Cancels the generation if it is still running and waits for it to stop.
-    fn close(&mut self, py: Python<'_>) {
-        if !self.done {
+    fn close(&self, py: Python<'_>) {
+        if !self.state().done {
+            self.closed.store(true, Ordering::SeqCst);
             self.job.cancel_and_wait(py);
-            self.done = true;
-            self.cancelled = true;
+            self.end(true);
         }
     }
 
     /// The answer's JSON and masks once the iteration has ended, else None.
     #[getter]
     fn result(&self, py: Python<'_>) -> Option<PyAnswer> {
-        self.result.as_ref().map(|(json, masks, ms)| {
+        self.state().result.as_ref().map(|(json, masks, ms)| {
             let masks = masks.iter().map(|m| m.as_ref().map(|m| m.clone_ref(py)));
             (json.clone(), masks.collect(), *ms)
         })
@@ -259,7 +282,7 @@ impl Stream {
     /// Whether the generation was cancelled (closed early or interrupted).
     #[getter]
     fn cancelled(&self) -> bool {
-        self.cancelled
+        self.state().cancelled
     }
 }
 

@@ -65,6 +65,30 @@ def test_breaking_out_of_a_loop_cancels(model):
     assert s.cancelled and wait_until_idle() == 0
 
 
+def test_close_from_another_thread_ends_the_iteration(model):
+    s = model.stream(IMG, "caption en", **LONG)
+    got, errors = [], []
+
+    def consume():
+        try:
+            for piece in s:
+                got.append(piece)
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    end = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < end:
+        time.sleep(0.01)
+    s.close()
+    reader.join(5)
+    assert not reader.is_alive() and errors == []
+    assert 3 <= len(got) < LONG["max_tokens"]
+    assert s.cancelled and s.result is None
+    assert wait_until_idle() == 0
+
+
 def test_two_threads_give_the_same_answers_as_one(model):
     # One ggml thread per generation: two generations of all-core thread pools on a
     # 2-core machine spin against each other (BENCHMARKS.md, "Server").
