@@ -119,6 +119,12 @@ def test_missing_and_corrupt_image_files(model, cli, tmp_path):
         (np.zeros((3, 10, 10), np.uint8), r"shape \(3, 10, 10\)"),
         (np.zeros((0, 10, 3), np.uint8), r"width and height must be at least 1"),
         (np.zeros((2, 10, 10, 3), np.uint8), r"shape \(2, 10, 10, 3\)"),
+        (np.zeros((4, 4, 3), object), r"dtype object"),
+        # 400 MP without allocating them: refused before any copy.
+        (
+            np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 20000, 3)),
+            r"shape \(20000, 20000, 3\): over the limit of 178956970 pixels",
+        ),
     ],
 )
 def test_bad_arrays(model, array, message):
