@@ -1,0 +1,127 @@
+"""Type stubs of pali's PyO3 module (python/src). Use the ``pali`` package: its ``Model``
+wraps this one and turns the JSON answers into ``TextAnswer`` / ``Located``."""
+
+import os
+import pathlib
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy
+
+__version__: str
+MAX_IMAGE_PIXELS: int
+
+_Path = Union[str, os.PathLike]
+# (the answer's JSON, exactly `pali … --json`; segment masks, one per object; the
+# generation thread's milliseconds: image decoding + the library's Model::run)
+_Answer = Tuple[str, List[Optional[numpy.ndarray]], float]
+
+class Image:
+    """A decoded RGB image, ready for any number of calls (pixels are not copied again).
+
+    ``source``: a path, encoded bytes (JPEG, PNG, WebP, BMP, GIF), a numpy uint8 array
+    (H, W, 3), strided or not (copied once: H x W x 3 bytes), a PIL image or another
+    ``pali.Image``; ``bgr=True`` reads an array's channels as B, G, R (OpenCV's order).
+    """
+
+    def __init__(self, source: Any, *, bgr: bool = False) -> None: ...
+    @staticmethod
+    def from_bgr(array: numpy.ndarray) -> "Image":
+        """An image from an OpenCV frame: a uint8 array (H, W, 3) in B, G, R order."""
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(width, height) in pixels."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixels held: width x height x 3."""
+    def to_numpy(self) -> numpy.ndarray:
+        """The pixels as a new numpy uint8 array (H, W, 3), RGB."""
+
+class Stream:
+    def __iter__(self) -> "Stream": ...
+    def __next__(self) -> str: ...
+    def close(self) -> None: ...
+    @property
+    def result(self) -> Optional[_Answer]: ...
+    @property
+    def cancelled(self) -> bool: ...
+
+class Model:
+    def __init__(
+        self,
+        model: _Path,
+        mmproj: Optional[_Path] = None,
+        vae: Optional[_Path] = None,
+        *,
+        threads: Optional[int] = None,
+        n_gpu_layers: Optional[int] = None,
+        ctx_size: Optional[int] = None,
+        low_mem: Union[str, bool, None] = None,
+    ) -> None: ...
+    @staticmethod
+    def demo(
+        root: _Path,
+        *,
+        threads: Optional[int] = None,
+        ctx_size: Optional[int] = None,
+        low_mem: Union[str, bool, None] = None,
+    ) -> "Model": ...
+    def run(
+        self,
+        image: Any,
+        task: str,
+        arg: Union[str, Sequence[str], None] = None,
+        *,
+        lang: str = "en",
+        long: bool = False,
+        bgr: bool = False,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        ctx_size: Optional[int] = None,
+        ignore_eos: Optional[bool] = None,
+    ) -> _Answer:
+        """``task``: caption, ask (arg: the question), ocr, detect / segment (arg: the
+        object names), prompt (arg: any prompt)."""
+    def stream(
+        self,
+        image: Any,
+        task: str,
+        arg: Union[str, Sequence[str], None] = None,
+        *,
+        lang: str = "en",
+        long: bool = False,
+        bgr: bool = False,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        ctx_size: Optional[int] = None,
+        ignore_eos: Optional[bool] = None,
+    ) -> Stream: ...
+    @property
+    def paths(self) -> Tuple[pathlib.Path, pathlib.Path, Optional[pathlib.Path]]: ...
+    @property
+    def low_mem(self) -> bool: ...
+    @property
+    def load_ms(self) -> float: ...
+    @property
+    def vision_backend(self) -> str: ...
+    @property
+    def has_mask_decoder(self) -> bool: ...
+    @property
+    def n_ctx_train(self) -> int: ...
+
+def running_generations() -> int:
+    """Generation threads running now (a cancelled stream's thread ends at its next token)."""
+
+def _shutdown() -> None: ...
+def _refresh_logging() -> None: ...

@@ -1,0 +1,379 @@
+//! `pali._native.Model`: loading (GIL released), and every task as one call that builds the
+//! library's `Task` and `GenerateOptions` (validated by `GenerateOptions::apply`, the one
+//! set of rules every front end shares) and runs `Model::run` on a generation thread.
+
+use crate::errors::{self, Kind};
+use crate::image::Source;
+use crate::job::{self, Job, PyAnswer, Stream};
+use pali::options::RequestValues;
+use pali::{GenerateOptions, LoadOptions, ModelPaths, Task};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyString};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A loaded model (see `pali.Model`).
+#[pyclass(module = "pali._native", name = "Model", frozen)]
+pub(crate) struct Model {
+    inner: Arc<pali::Model>,
+    /// The options every call starts from (the model's `ctx_size`).
+    base: GenerateOptions,
+    paths: ModelPaths,
+}
+
+/// `low_mem`: "auto" / None, True / "on", False / "off".
+fn low_mem(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<Option<bool>> {
+    if v.is_none() {
+        return Ok(None);
+    }
+    if let Ok(b) = v.cast::<PyBool>() {
+        return Ok(Some(b.is_true()));
+    }
+    match v.cast::<PyString>().map(|s| s.to_string()).as_deref() {
+        Ok("auto") => Ok(None),
+        Ok("on") => Ok(Some(true)),
+        Ok("off") => Ok(Some(false)),
+        _ => Err(errors::error(
+            py,
+            Kind::Option,
+            format!("low_mem = {v}: use \"auto\", True (\"on\") or False (\"off\")"),
+        )),
+    }
+}
+
+/// One keyword argument converted by `convert`; a Python type error names the argument,
+/// an integer out of the type's range is an `OptionError` naming it.
+fn named<'py, T>(
+    name: &str,
+    v: Option<&Bound<'py, PyAny>>,
+    convert: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>,
+) -> PyResult<Option<T>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else {
+        return Ok(None);
+    };
+    let py = v.py();
+    convert(v).map(Some).map_err(|e| {
+        if e.is_instance_of::<PyOverflowError>(py) {
+            errors::error(
+                py,
+                Kind::Option,
+                format!("{name} = {v}: out of range ({e})"),
+            )
+        } else if e.is_instance_of::<PyTypeError>(py) {
+            PyTypeError::new_err(format!("{name}: {}", e.value(py)))
+        } else {
+            e
+        }
+    })
+}
+
+/// `stop`: a string or a sequence of strings.
+fn stop_list(v: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(vec![s.to_string()]);
+    }
+    v.extract::<Vec<String>>()
+        .map_err(|_| PyTypeError::new_err("a string or a list of strings"))
+}
+
+/// Object names: "cat ; dog" or a sequence of names.
+fn objects(v: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else {
+        return Ok(Vec::new());
+    };
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(vec![s.to_string()]);
+    }
+    v.extract::<Vec<String>>()
+        .map_err(|_| PyTypeError::new_err("objects: a string (\"cat ; dog\") or a list of names"))
+}
+
+/// The text argument of a task (question, prompt).
+fn text(task: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
+    match v.filter(|v| !v.is_none()) {
+        Some(v) => v
+            .extract::<String>()
+            .map_err(|_| PyTypeError::new_err(format!("{task}: the text must be a string"))),
+        None => Err(PyTypeError::new_err(format!("{task}: give the text"))),
+    }
+}
+
+/// The per-call options the keyword arguments of every task call give.
+struct Request<'py> {
+    max_tokens: Option<Bound<'py, PyAny>>,
+    temperature: Option<Bound<'py, PyAny>>,
+    top_k: Option<Bound<'py, PyAny>>,
+    top_p: Option<Bound<'py, PyAny>>,
+    seed: Option<Bound<'py, PyAny>>,
+    stop: Option<Bound<'py, PyAny>>,
+    ctx_size: Option<Bound<'py, PyAny>>,
+    ignore_eos: Option<Bound<'py, PyAny>>,
+}
+
+impl Request<'_> {
+    /// Raw values for the library's one validation.
+    fn values(&self) -> PyResult<RequestValues> {
+        Ok(RequestValues {
+            n_predict: named("max_tokens", self.max_tokens.as_ref(), |v| v.extract())?,
+            max_ctx: named("ctx_size", self.ctx_size.as_ref(), |v| v.extract())?,
+            temperature: named("temperature", self.temperature.as_ref(), |v| v.extract())?,
+            top_k: named("top_k", self.top_k.as_ref(), |v| v.extract())?,
+            top_p: named("top_p", self.top_p.as_ref(), |v| v.extract())?,
+            seed: named("seed", self.seed.as_ref(), |v| v.extract())?,
+            stop: named("stop", self.stop.as_ref(), stop_list)?,
+            ignore_eos: named("ignore_eos", self.ignore_eos.as_ref(), |v| v.extract())?,
+        })
+    }
+}
+
+impl Model {
+    fn load(
+        py: Python<'_>,
+        paths: ModelPaths,
+        threads: Option<i32>,
+        n_gpu_layers: Option<i32>,
+        ctx_size: Option<&Bound<'_, PyAny>>,
+        low_mem_mode: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        crate::logging::refresh(py)?;
+        let opts = LoadOptions {
+            // As the C library: 0 or less = the default (physical cores).
+            threads: threads
+                .filter(|&t| t > 0)
+                .unwrap_or_else(pali::default_threads),
+            n_gpu_layers: n_gpu_layers.unwrap_or(0),
+            low_mem: low_mem(py, low_mem_mode)?,
+            ..Default::default()
+        };
+        let base = GenerateOptions::default()
+            .apply(&RequestValues {
+                max_ctx: named("ctx_size", ctx_size, |v| v.extract())?,
+                ..Default::default()
+            })
+            .map_err(|e| errors::from_pali(py, e))?;
+        let inner = py
+            .detach(|| pali::Model::load(&paths, &opts))
+            .map_err(|e| errors::from_pali(py, e))?;
+        Ok(Model {
+            inner: Arc::new(inner),
+            base,
+            paths,
+        })
+    }
+
+    /// The library's task and options for one call, and the image as Python gave it.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, PyAny>,
+        task: &str,
+        arg: Option<&Bound<'_, PyAny>>,
+        lang: &str,
+        long: bool,
+        bgr: bool,
+        request: &Request<'_>,
+    ) -> PyResult<(Source, Task, GenerateOptions)> {
+        crate::logging::refresh(py)?;
+        let task = match task {
+            "caption" => Task::Caption {
+                lang: lang.into(),
+                long,
+            },
+            "ask" => Task::Ask {
+                lang: lang.into(),
+                question: text("ask", arg)?,
+            },
+            "ocr" => Task::Ocr,
+            "detect" => Task::Detect(objects(arg)?),
+            "segment" => Task::Segment(objects(arg)?),
+            "prompt" => Task::Raw(text("prompt", arg)?),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown task {other:?}: caption, ask, ocr, detect, segment or prompt"
+                )))
+            }
+        };
+        // Bad names and bad options are refused before the image is read.
+        task.check().map_err(|e| errors::from_pali(py, e))?;
+        let opts = self
+            .base
+            .apply(&request.values()?)
+            .map_err(|e| errors::from_pali(py, e))?;
+        let source = Source::from_py(image, bgr)?;
+        Ok((source, task, opts))
+    }
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    #[pyo3(signature = (model, mmproj = None, vae = None, *, threads = None, n_gpu_layers = None, ctx_size = None, low_mem = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        model: PathBuf,
+        mmproj: Option<PathBuf>,
+        vae: Option<PathBuf>,
+        threads: Option<i32>,
+        n_gpu_layers: Option<i32>,
+        ctx_size: Option<&Bound<'_, PyAny>>,
+        low_mem: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let paths = match mmproj {
+            Some(mmproj) => ModelPaths::new(model, mmproj),
+            None => ModelPaths::beside(model).map_err(|e| errors::from_pali(py, e))?,
+        };
+        let paths = match vae {
+            Some(vae) => paths.with_mask_decoder(vae),
+            None => paths,
+        };
+        let none = py.None().into_bound(py);
+        Model::load(
+            py,
+            paths,
+            threads,
+            n_gpu_layers,
+            ctx_size,
+            low_mem.unwrap_or(&none),
+        )
+    }
+
+    /// The bundled demo model under `root` (`root/models/demo`), with its mask decoder.
+    #[staticmethod]
+    #[pyo3(signature = (root, *, threads = None, ctx_size = None, low_mem = None))]
+    fn demo(
+        py: Python<'_>,
+        root: PathBuf,
+        threads: Option<i32>,
+        ctx_size: Option<&Bound<'_, PyAny>>,
+        low_mem: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let paths = ModelPaths::demo(&root).map_err(|e| errors::from_pali(py, e))?;
+        let none = py.None().into_bound(py);
+        Model::load(py, paths, threads, None, ctx_size, low_mem.unwrap_or(&none))
+    }
+
+    /// Runs a task and waits for its answer: `(json, masks)`.
+    #[pyo3(signature = (image, task, arg = None, *, lang = "en", long = false, bgr = false,
+        max_tokens = None, temperature = None, top_k = None, top_p = None, seed = None,
+        stop = None, ctx_size = None, ignore_eos = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        image: &Bound<'py, PyAny>,
+        task: &str,
+        arg: Option<&Bound<'py, PyAny>>,
+        lang: &str,
+        long: bool,
+        bgr: bool,
+        max_tokens: Option<Bound<'py, PyAny>>,
+        temperature: Option<Bound<'py, PyAny>>,
+        top_k: Option<Bound<'py, PyAny>>,
+        top_p: Option<Bound<'py, PyAny>>,
+        seed: Option<Bound<'py, PyAny>>,
+        stop: Option<Bound<'py, PyAny>>,
+        ctx_size: Option<Bound<'py, PyAny>>,
+        ignore_eos: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<PyAnswer> {
+        let request = Request {
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            ctx_size,
+            ignore_eos,
+        };
+        let (source, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
+        let job = Job::start(py, self.inner.clone(), source, task, opts, false)?;
+        job::wait(py, job)
+    }
+
+    /// Starts a task whose text is streamed: a `Stream` of pieces.
+    #[pyo3(signature = (image, task, arg = None, *, lang = "en", long = false, bgr = false,
+        max_tokens = None, temperature = None, top_k = None, top_p = None, seed = None,
+        stop = None, ctx_size = None, ignore_eos = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream<'py>(
+        &self,
+        py: Python<'py>,
+        image: &Bound<'py, PyAny>,
+        task: &str,
+        arg: Option<&Bound<'py, PyAny>>,
+        lang: &str,
+        long: bool,
+        bgr: bool,
+        max_tokens: Option<Bound<'py, PyAny>>,
+        temperature: Option<Bound<'py, PyAny>>,
+        top_k: Option<Bound<'py, PyAny>>,
+        top_p: Option<Bound<'py, PyAny>>,
+        seed: Option<Bound<'py, PyAny>>,
+        stop: Option<Bound<'py, PyAny>>,
+        ctx_size: Option<Bound<'py, PyAny>>,
+        ignore_eos: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Stream> {
+        let request = Request {
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            ctx_size,
+            ignore_eos,
+        };
+        let (source, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
+        Ok(Stream::new(Job::start(
+            py,
+            self.inner.clone(),
+            source,
+            task,
+            opts,
+            true,
+        )?))
+    }
+
+    /// Decoder, vision and mask decoder files (the last None without one).
+    #[getter]
+    fn paths(&self) -> (PathBuf, PathBuf, Option<PathBuf>) {
+        (
+            self.paths.decoder.clone(),
+            self.paths.mmproj.clone(),
+            self.paths.mask_decoder.clone(),
+        )
+    }
+
+    /// Whether low-memory mode is on.
+    #[getter]
+    fn low_mem(&self) -> bool {
+        self.inner.low_mem()
+    }
+
+    /// How long loading took, in milliseconds.
+    #[getter]
+    fn load_ms(&self) -> f64 {
+        self.inner.load_ms()
+    }
+
+    /// The vision tower's ggml backend.
+    #[getter]
+    fn vision_backend(&self) -> String {
+        self.inner.vision_backend().to_string()
+    }
+
+    /// Whether a mask decoder was loaded (segment masks).
+    #[getter]
+    fn has_mask_decoder(&self) -> bool {
+        self.inner.has_mask_decoder()
+    }
+
+    /// The context length the decoder was trained for.
+    #[getter]
+    fn n_ctx_train(&self) -> usize {
+        self.inner.n_ctx_train()
+    }
+}
