@@ -11,7 +11,8 @@
 //! 4. [`tasks`]: the prompts, the parsing of `<loc>`/`<seg>` answers and the results whose
 //!    JSON every front end prints; [`mask`] turns `<seg>` codes into masks.
 //!
-//! [`Model`] ([`model`]) loads the files and ties the stages together; [`GenerateOptions`]
+//! [`Model`] ([`model`]) loads the files and ties the stages together, with LoRA adapters
+//! beside them ([`adapter`]: fine-tuned models without merging); [`GenerateOptions`]
 //! ([`options`]) is the one set of per-request options, checked by one
 //! [`GenerateOptions::validate`] whichever front end built it. [`system`] holds what pali
 //! asks of the OS, [`draw`] and [`eval`] serve the CLI's `--draw` and `pali eval`.
@@ -34,10 +35,12 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod adapter;
 pub mod decoder;
 pub mod draw;
 mod error;
 pub mod eval;
+pub mod files;
 pub mod image;
 pub mod mask;
 pub mod model;
@@ -46,12 +49,16 @@ pub mod system;
 pub mod tasks;
 pub mod vision;
 
+pub use adapter::AdapterInfo;
 pub use decoder::{Generation, SlidingWindow};
 pub use error::{Error, Result};
+pub use files::{LoadOptions, ModelPaths};
 pub use image::{ImageSize, RgbImage, MAX_IMAGE_PIXELS};
 pub use mask::{Mask, MaskDecoder};
-pub use model::{EncodedImage, LoadOptions, Model, ModelPaths};
-pub use options::{CancelFlag, FinishReason, GenerateOptions, Sampling, Timings};
+pub use model::{EncodedImage, Model};
+pub use options::{
+    AdapterId, AdapterScale, CancelFlag, FinishReason, GenerateOptions, Sampling, Timings,
+};
 pub use pali_ggml::llama::KvCacheType;
 pub use system::{default_threads, no_gpu_notice, peak_rss_mb, total_ram_bytes, MemoryUse};
 pub use tasks::{

@@ -1,165 +1,24 @@
 //! [`Model`]: loading a converted model (decoder, vision tower, optional mask decoder),
-//! `--low-mem`'s load-on-demand, and the two halves of a generation: the image through the
-//! vision tower, then the prefix through the decoder.
+//! `--low-mem`'s load-on-demand, LoRA adapters loaded beside it, and the two halves of a
+//! generation: the image through the vision tower, then the prefix through the decoder.
 
-use crate::decoder::{Decoder, DecoderOptions, Generation, PrefixBatch, SlidingWindow};
+use crate::adapter::registry::Registry;
+use crate::decoder::{Decoder, DecoderOptions, Generation, PrefixBatch};
+use crate::files::{LoadOptions, LowMem, ModelPaths};
 use crate::image::{preprocess, ImageSize, PreprocessConfig, RgbImage};
 use crate::mask::MaskDecoder;
-use crate::options::GenerateOptions;
-use crate::system::{default_threads, no_gpu_notice, total_ram_bytes};
-use crate::vision::{VisionEncoder, VisionOutput, VisionPrecision};
+use crate::options::{AdapterScale, GenerateOptions};
+use crate::system::no_gpu_notice;
+use crate::vision::{VisionEncoder, VisionOutput};
 use crate::{Error, Result};
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 /// Most image tokens the vision tower encodes in one graph ([`Model::encode_images`]): the
 /// batch of 16 frames at 224 px, or one 896 px image, so a batch's compute buffer is never
 /// larger than one 896 px image's.
 pub const BATCH_TOKENS: usize = 4096;
-
-/// The files of a converted model: decoder and vision tower, and optionally the mask
-/// decoder that turns `segment` answers into masks.
-#[derive(Debug, Clone)]
-pub struct ModelPaths {
-    /// Decoder GGUF (`-m`).
-    pub decoder: PathBuf,
-    /// Vision GGUF (`--mmproj`).
-    pub mmproj: PathBuf,
-    /// Mask decoder GGUF (`--vae`, made by `pali convert-vae`).
-    pub mask_decoder: Option<PathBuf>,
-}
-
-impl ModelPaths {
-    /// Decoder and vision tower, no mask decoder.
-    pub fn new(decoder: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> Self {
-        ModelPaths {
-            decoder: decoder.into(),
-            mmproj: mmproj.into(),
-            mask_decoder: None,
-        }
-    }
-
-    /// The same files with a mask decoder.
-    pub fn with_mask_decoder(mut self, path: impl Into<PathBuf>) -> Self {
-        self.mask_decoder = Some(path.into());
-        self
-    }
-
-    /// A decoder and the vision file beside it: the one `mmproj-*.gguf` in the decoder's
-    /// folder (an error names the folder when there is none, or several).
-    pub fn beside(decoder: impl Into<PathBuf>) -> Result<Self> {
-        let decoder = decoder.into();
-        let dir = decoder
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mmproj = one_gguf(dir, "mmproj-*.gguf next to the model", |f| {
-            f.starts_with("mmproj-")
-        })?;
-        Ok(ModelPaths::new(decoder, mmproj))
-    }
-
-    /// The bundled demo model under `root` (`models/demo`): its one decoder, the one mmproj
-    /// beside it (the rule of [`ModelPaths::beside`]) and its mask decoder
-    /// (`vae-pali-demo.gguf`) when present.
-    pub fn demo(root: &Path) -> Result<Self> {
-        let dir = root.join("models/demo");
-        let decoder = one_gguf(&dir, "decoder GGUF in the bundled model's folder", |f| {
-            !f.starts_with("mmproj-") && !f.starts_with("vae-")
-        })?;
-        let paths = ModelPaths::beside(decoder)?;
-        let vae = dir.join("vae-pali-demo.gguf");
-        Ok(if vae.is_file() {
-            paths.with_mask_decoder(vae)
-        } else {
-            paths
-        })
-    }
-}
-
-/// The one `.gguf` file in `dir` whose name `wanted` accepts; `what` names it in errors
-/// ("no …" / "several …" in the folder: pass the file explicitly).
-fn one_gguf(dir: &Path, what: &str, wanted: impl Fn(&str) -> bool) -> Result<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .map(|f| f.to_string_lossy())
-                .is_some_and(|f| f.ends_with(".gguf") && wanted(&f))
-        })
-        .collect();
-    found.sort();
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => Err(Error::Io(format!(
-            "no {what} in {}: pass --mmproj",
-            dir.display()
-        ))),
-        _ => Err(Error::Io(format!(
-            "several {what} in {}: pass --mmproj",
-            dir.display()
-        ))),
-    }
-}
-
-/// Model loading options.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Threads for the vision tower and the decoder (default: physical cores).
-    pub threads: i32,
-    /// Decoder layers on the GPU (GPU builds); the vision tower follows onto the GPU when > 0.
-    /// Default 0 (the CLI's default is all layers when a GPU is found, as llama.cpp's).
-    pub n_gpu_layers: i32,
-    /// Sliding-window treatment.
-    pub sliding_window: SlidingWindow,
-    /// Never hold the vision tower and the decoder in memory at once: each is loaded when
-    /// needed and dropped after use, and the decoder's weights are used in place from the
-    /// memory map (no repacked copies). Peak memory ≈ the decoder file instead of both files
-    /// plus copies, for a reload per image and a ~20 % slower prefill. `None`: on when the machine's RAM is less than twice
-    /// the two files plus 1 GiB.
-    pub low_mem: Option<bool>,
-    /// ggml RPC servers (`host:port`, from `pali rpc-server`) whose devices take a share of
-    /// the offloaded decoder layers; the vision tower stays local. No authentication: trusted
-    /// networks only.
-    pub rpc_servers: Vec<String>,
-    /// Shares of the offloaded layers per device, in ggml's device order (the RPC servers
-    /// first, then local GPUs), as llama.cpp's `--tensor-split`; empty = by free memory.
-    pub tensor_split: Vec<f32>,
-    /// The vision tower's compute precision (default `Auto`: F32 on every backend for now).
-    pub vision_precision: VisionPrecision,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            threads: default_threads(),
-            n_gpu_layers: 0,
-            sliding_window: SlidingWindow::Off,
-            low_mem: None,
-            rpc_servers: Vec::new(),
-            tensor_split: Vec::new(),
-            vision_precision: VisionPrecision::Auto,
-        }
-    }
-}
-
-/// Low-memory mode's automatic choice.
-pub(crate) struct LowMem;
-
-impl LowMem {
-    /// True when total RAM is below 2 × (decoder + mmproj file sizes) + 1 GiB, e.g. a 3B
-    /// Q4_K_M (2.5 GB of files) on a 4 GB Raspberry Pi, or a 10B on an 8 GB Jetson.
-    pub(crate) fn auto(paths: &ModelPaths) -> bool {
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let files = size(&paths.decoder) + size(&paths.mmproj);
-        match total_ram_bytes() {
-            Some(ram) => ram < 2 * files + (1 << 30),
-            None => false,
-        }
-    }
-}
 
 /// An image preprocessed and encoded by the vision tower ([`Model::encode_image`]).
 #[derive(Debug, Clone)]
@@ -170,6 +29,9 @@ pub struct EncodedImage {
     pub size: ImageSize,
     /// Images encoded (their features one after another).
     pub n_images: usize,
+    /// The LoRA adapters (and scales) the vision tower applied, in id order: a generation
+    /// from these features must ask for the same ones ([`Model::encode_image_with`]).
+    pub lora: Vec<AdapterScale>,
     #[allow(missing_docs)]
     pub preprocess_ms: f64,
     #[allow(missing_docs)]
@@ -226,6 +88,20 @@ impl<T: Sync> Part<T> {
     fn release(&self) {
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
+
+    /// Runs `f` on the part if it is loaded, once no one else uses it; nothing if it is not
+    /// (its loader sees the change when it loads it).
+    fn if_loaded_mut(&self, f: impl FnOnce(&mut T) -> Result<()>) -> Result<()> {
+        match self
+            .slot
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            Some(part) => f(part),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A loaded PaliGemma 2 model: vision tower + decoder.
@@ -248,6 +124,9 @@ pub struct Model {
     vision_backend: String,
     low_mem: bool,
     load_ms: f64,
+    paths: ModelPaths,
+    /// LoRA adapters loaded on both parts (a part loaded later loads them too).
+    adapters: Arc<Registry>,
 }
 
 impl Model {
@@ -283,9 +162,16 @@ impl Model {
         }
         let (mmproj, threads) = (paths.mmproj.clone(), opts.threads);
         let precision = opts.vision_precision;
+        let adapters = Arc::new(Registry::default());
+        let registry = adapters.clone();
         let load_vision = move || {
             let mut v = VisionEncoder::load(&mmproj, gpu, threads)?;
             v.set_precision(precision)?;
+            for a in registry.list() {
+                if let Some(p) = &a.mmproj {
+                    v.add_adapter(a.id, p)?;
+                }
+            }
             Ok(Mutex::new(v))
         };
         let (decoder_path, dopts) = (
@@ -299,7 +185,16 @@ impl Model {
                 tensor_split: opts.tensor_split.clone(),
             },
         );
-        let load_decoder = move || Decoder::load(&decoder_path, &dopts);
+        let registry = adapters.clone();
+        let load_decoder = move || {
+            let mut d = Decoder::load(&decoder_path, &dopts)?;
+            for a in registry.list() {
+                if let Some(p) = &a.decoder {
+                    d.add_adapter(a.id, p)?;
+                }
+            }
+            Ok(d)
+        };
         let vision = load_vision()?;
         // In low-memory mode the decoder is only probed here (header, tokenizer, embedding
         // table) and loaded on first use, after the vision tower has been dropped.
@@ -344,7 +239,32 @@ impl Model {
             low_mem,
             load_ms: ms(t0),
             mask_decoder,
+            paths: paths.clone(),
+            adapters,
         })
+    }
+
+    /// The files it was loaded from.
+    pub(crate) fn paths(&self) -> &ModelPaths {
+        &self.paths
+    }
+
+    /// The LoRA adapters loaded on it (see `adapter/`).
+    pub(crate) fn adapter_registry(&self) -> &Registry {
+        &self.adapters
+    }
+
+    /// Runs `decoder` and `vision` on the loaded parts (in low-memory mode a part not loaded
+    /// is skipped: it loads the registered adapters when it loads), once no generation uses
+    /// them.
+    pub(crate) fn update_parts(
+        &self,
+        decoder: impl FnOnce(&mut Decoder) -> Result<()>,
+        vision: impl FnOnce(&mut VisionEncoder) -> Result<()>,
+    ) -> Result<()> {
+        self.decoder.if_loaded_mut(decoder)?;
+        self.vision
+            .if_loaded_mut(|v| vision(v.get_mut().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// Whether low-memory mode is on (see [`LoadOptions::low_mem`]).
@@ -440,15 +360,26 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        opts.validate()?;
+        self.check_options(opts)?;
         self.check_context(1, prompt, opts)?;
-        let encoded = self.encode_image(image)?;
+        let encoded = self.encode_image_with(image, &opts.lora)?;
         self.generate_encoded(encoded, prompt, opts, on_text)
     }
 
-    /// The vision half of [`Model::generate`]: preprocessing and the vision tower.
+    /// The vision half of [`Model::generate`]: preprocessing and the vision tower (no
+    /// adapters; see [`Model::encode_image_with`]).
     pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
-        self.encode_images(std::slice::from_ref(image))
+        self.encode_images_with(std::slice::from_ref(image), &[])
+    }
+
+    /// [`Model::encode_image`] for a request with these LoRA adapters
+    /// ([`GenerateOptions::lora`]): the ones with a vision part change the tower.
+    pub fn encode_image_with(
+        &self,
+        image: &RgbImage,
+        lora: &[AdapterScale],
+    ) -> Result<EncodedImage> {
+        self.encode_images_with(std::slice::from_ref(image), lora)
     }
 
     /// The vision half of a prompt about several images (a clip's frames, or images to
@@ -457,9 +388,25 @@ impl Model {
     /// 224 px, or one 896 px image), their features in order. Each image's pixels are freed
     /// once its batch is encoded.
     pub fn encode_images(&self, images: &[RgbImage]) -> Result<EncodedImage> {
+        self.encode_images_with(images, &[])
+    }
+
+    /// [`Model::encode_images`] for a request with these LoRA adapters (see
+    /// [`Model::encode_image_with`]).
+    pub fn encode_images_with(
+        &self,
+        images: &[RgbImage],
+        lora: &[AdapterScale],
+    ) -> Result<EncodedImage> {
         let first = images
             .first()
             .ok_or_else(|| Error::Prompt("no image given".into()))?;
+        GenerateOptions {
+            lora: lora.to_vec(),
+            ..Default::default()
+        }
+        .check_adapters(&self.adapters.ids())?;
+        let lora = self.adapters.selection(lora, true);
         let per_batch = (BATCH_TOKENS / self.image_tokens.max(1)).max(1);
         let (mut features, mut preprocess_ms, mut vision_ms) = (Vec::new(), 0.0, 0.0);
         for batch in images.chunks(per_batch) {
@@ -471,13 +418,16 @@ impl Model {
             preprocess_ms += ms(t0);
             let t1 = Instant::now();
             let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
-            features.extend(self.with_vision(|v| v.encode_batch(&refs, VisionOutput::Projected))?);
+            features.extend(
+                self.with_vision(|v| v.encode_batch_with(&refs, VisionOutput::Projected, &lora))?,
+            );
             vision_ms += ms(t1);
         }
         Ok(EncodedImage {
             features,
             size: first.size(),
             n_images: images.len(),
+            lora,
             preprocess_ms,
             vision_ms,
         })
@@ -549,13 +499,25 @@ impl Model {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        opts.validate()?;
+        self.check_options(opts)?;
         let EncodedImage {
             features,
+            lora,
             preprocess_ms,
             vision_ms,
             ..
         } = image;
+        let wanted = self.adapters.selection(&opts.lora, true);
+        if lora != wanted {
+            return Err(Error::InvalidOption(format!(
+                "the image was encoded with the vision adapters {lora:?} but the request asks                  for {wanted:?}: encode it with Model::encode_image_with(image, &opts.lora)"
+            )));
+        }
+        // The decoder sees only the adapters with a decoder part.
+        let opts = &GenerateOptions {
+            lora: self.adapters.selection(&opts.lora, false),
+            ..opts.clone()
+        };
         let prefix = move |d: &Decoder| d.prefix(&features, prompt);
         let mut g = self.decode_prefix(prefix, opts, on_text)?;
         g.timings.preprocess_ms = preprocess_ms;

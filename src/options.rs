@@ -1,6 +1,6 @@
 //! Per-request options and what every generation reports: [`GenerateOptions`] (with the one
-//! validation every front end calls), [`Sampling`], [`CancelFlag`], [`FinishReason`] and
-//! [`Timings`].
+//! validation every front end calls), [`Sampling`], [`CancelFlag`], [`AdapterScale`],
+//! [`FinishReason`] and [`Timings`].
 
 use crate::system::MemoryUse;
 use crate::{Error, Result};
@@ -9,6 +9,36 @@ use pali_ggml::llama::KvCacheType;
 /// A flag another thread (a server whose client left, a C caller's token callback) sets to
 /// end a generation early.
 pub type CancelFlag = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// A LoRA adapter loaded on a [`crate::Model`] ([`crate::Model::load_adapter`]): ids count
+/// from 0 in load order and are not reused, as llama-server's `--lora` ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct AdapterId(pub u32);
+
+impl std::fmt::Display for AdapterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One adapter of a request and its scale: the adapter's update `alpha / r · B A x` is
+/// multiplied by `scale` (llama.cpp's `--lora-scaled FILE SCALE`; PEFT's `set_scale`); 1 is
+/// the adapter as trained, 0 leaves the base model unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AdapterScale {
+    #[allow(missing_docs)]
+    pub id: AdapterId,
+    #[allow(missing_docs)]
+    pub scale: f32,
+}
+
+impl AdapterScale {
+    /// Adapter `id` at `scale`.
+    pub fn new(id: AdapterId, scale: f32) -> Self {
+        AdapterScale { id, scale }
+    }
+}
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -72,6 +102,11 @@ pub struct GenerateOptions {
     /// Set it from another thread (or from `on_text`) to end the generation with
     /// [`Error::Cancelled`]; checked before the prefix and after every token.
     pub cancel: Option<CancelFlag>,
+    /// LoRA adapters applied to this request, each with its scale (llama-server's per-request
+    /// `"lora"`); adapters not listed are not applied (empty: the base model). Ids are
+    /// [`crate::Model::load_adapter`]'s; an id the model does not have is refused
+    /// ([`GenerateOptions::check_adapters`]).
+    pub lora: Vec<AdapterScale>,
 }
 
 impl Default for GenerateOptions {
@@ -86,6 +121,7 @@ impl Default for GenerateOptions {
             logprobs: false,
             stop: Vec::new(),
             cancel: None,
+            lora: Vec::new(),
         }
     }
 }
@@ -118,6 +154,9 @@ pub struct RequestValues {
     pub stop: Option<Vec<String>>,
     /// Generate exactly `n_predict` tokens, past `<eos>`.
     pub ignore_eos: Option<bool>,
+    /// LoRA adapters and scales (`--lora`, `"lora": [{"id", "scale"}]`); `None` keeps the
+    /// defaults'.
+    pub lora: Option<Vec<(i64, f64)>>,
 }
 
 impl GenerateOptions {
@@ -161,6 +200,17 @@ impl GenerateOptions {
         if let Some(i) = values.ignore_eos {
             o.ignore_eos = i;
         }
+        if let Some(lora) = &values.lora {
+            o.lora = Vec::with_capacity(lora.len());
+            for (i, &(id, scale)) in lora.iter().enumerate() {
+                let id = u32::try_from(id).map_err(|_| {
+                    Error::InvalidOption(format!(
+                        "{LORA}[{i}].id = {id}: must be the id of a loaded adapter (0, 1, …)"
+                    ))
+                })?;
+                o.lora.push(AdapterScale::new(AdapterId(id), scale as f32));
+            }
+        }
         o.validate()?;
         Ok(o)
     }
@@ -191,7 +241,44 @@ impl GenerateOptions {
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return Err(too_many_stops(self.stop.len()));
         }
+        for (i, a) in self.lora.iter().enumerate() {
+            if !a.scale.is_finite() {
+                return bad(format!(
+                    "{LORA}[{i}].scale = {}: must be a finite number",
+                    a.scale
+                ));
+            }
+            if self.lora[..i].iter().any(|b| b.id == a.id) {
+                return bad(format!("{LORA}[{i}].id = {}: listed twice", a.id));
+            }
+        }
         Ok(())
+    }
+
+    /// The check of [`GenerateOptions::lora`] against the adapters a model has loaded
+    /// (`loaded`, in id order): an id it does not have is [`Error::InvalidOption`]. Every
+    /// generation of a [`crate::Model`] runs it after [`GenerateOptions::validate`].
+    pub fn check_adapters(&self, loaded: &[AdapterId]) -> Result<()> {
+        match self
+            .lora
+            .iter()
+            .enumerate()
+            .find(|(_, a)| !loaded.contains(&a.id))
+        {
+            None => Ok(()),
+            Some((i, a)) => {
+                let have: Vec<String> = loaded.iter().map(|id| id.to_string()).collect();
+                Err(Error::InvalidOption(format!(
+                    "{LORA}[{i}].id = {}: no such adapter (loaded: {})",
+                    a.id,
+                    if have.is_empty() {
+                        "none; load them with --lora".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                )))
+            }
+        }
     }
 }
 
@@ -201,6 +288,7 @@ const N_CTX: &str = "n_ctx (-c, --ctx-size)";
 const TEMPERATURE: &str = "temperature (--temp)";
 const TOP_K: &str = "top_k (--top-k)";
 const TOP_P: &str = "top_p (--top-p)";
+const LORA: &str = "lora (--lora)";
 
 fn too_many_stops(n: usize) -> Error {
     Error::InvalidOption(format!(
@@ -288,6 +376,23 @@ mod tests {
             ..v()
         })
         .starts_with("n_ctx (-c, --ctx-size) = -1"));
+        let lora = |l: Vec<(i64, f64)>| RequestValues {
+            lora: Some(l),
+            ..v()
+        };
+        assert_eq!(
+            refusal(lora(vec![(-1, 1.0)])),
+            "lora (--lora)[0].id = -1: must be the id of a loaded adapter (0, 1, …)"
+        );
+        assert_eq!(
+            refusal(lora(vec![(0, 1.0), (1, f64::NAN)])),
+            "lora (--lora)[1].scale = NaN: must be a finite number"
+        );
+        assert!(refusal(lora(vec![(0, f64::INFINITY)])).contains("[0].scale = inf"));
+        assert_eq!(
+            refusal(lora(vec![(2, 1.0), (2, 0.5)])),
+            "lora (--lora)[1].id = 2: listed twice"
+        );
         let stop = Some(vec!["a".to_string(); 5]);
         assert_eq!(
             refusal(RequestValues { stop, ..v() }),
@@ -318,5 +423,31 @@ mod tests {
             ..Default::default()
         };
         assert!(zero.validate().is_err());
+        let o = GenerateOptions::default()
+            .apply(&RequestValues {
+                lora: Some(vec![(1, 0.5), (0, -1.0)]),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            o.lora,
+            [
+                AdapterScale::new(AdapterId(1), 0.5),
+                AdapterScale::new(AdapterId(0), -1.0)
+            ]
+        );
+        assert!(o.check_adapters(&[AdapterId(0), AdapterId(1)]).is_ok());
+        match o.check_adapters(&[AdapterId(0)]) {
+            Err(Error::InvalidOption(m)) => {
+                assert_eq!(m, "lora (--lora)[0].id = 1: no such adapter (loaded: 0)")
+            }
+            other => panic!("{other:?}"),
+        }
+        match o.check_adapters(&[]) {
+            Err(Error::InvalidOption(m)) => {
+                assert!(m.ends_with("(loaded: none; load them with --lora)"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -237,6 +237,13 @@ fn frame_sampling_rule() {
         [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0]
     );
     assert!(frame_indices(0, 4).is_empty());
+    // F per second over frames starting at 0, 0.1, 0.2 s (sums of 100 ms delays): 10 per
+    // second is every frame once, whatever the sums' rounding.
+    let starts = [0.0, 0.1, 0.1 + 0.1];
+    assert_eq!(
+        pali::image::clip::frames_per_second(&starts, 0.1 + 0.1 + 0.1, 10.0),
+        [0, 1, 2]
+    );
     // The same through a 6-frame GIF, and the warning for a clip shorter than asked.
     let gif = write_gif("six.gif", &frames(6, 32), 100);
     let plan = ClipPlan::open(&gif, FrameSelection::Count(4), u64::MAX).unwrap();

@@ -266,8 +266,10 @@ fn quantized_types_agree_with_hf() {
         (FileType::F16, FileType::F16, 1.0, 1.0),
         (FileType::Q8_0, FileType::F16, 6.0, 0.85),
         // A Q8_0 vision tower runs its matmuls on Q8_0 activations too (for speed), all of
-        // them since its MLP is padded to whole blocks (tiny-swa-98: 80 -> 96): 17/27.
-        (FileType::Q8_0, FileType::Q8_0, 9.0, 0.6),
+        // them since its MLP is padded to whole blocks (tiny-swa-98: 80 -> 96): 17/27 on
+        // AMD Zen 4, 16/27 on an Intel Xeon with AVX512-VNNI/FP16 (ggml's int8 dot kernels
+        // differ by CPU).
+        (FileType::Q8_0, FileType::Q8_0, 9.0, 0.55),
         (FileType::Q4_0, FileType::F16, 30.0, 0.33),
         (FileType::Q4_K_M, FileType::F16, 30.0, 0.5),
     ] {

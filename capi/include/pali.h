@@ -9,6 +9,10 @@
  * generation (the vision tower encodes one image at a time). Free a model only when no call
  * on it runs. The only global state is the log callback (pali_log_set).
  *
+ * LoRA adapters (`pali convert-lora`): pali_adapter_load / pali_adapter_free, chosen per call
+ * in pali_generate_params.lora. ABI 2 (PALI_ABI_VERSION): pali_generate_params gained
+ * `lora` and `n_lora` for them; programs built against an older pali.h must be rebuilt.
+ *
  * Example: examples/c/caption.c. */
 
 #ifndef PALI_H
@@ -25,6 +29,12 @@
 // twice PaliGemma 2's context).
 #define PALI_MAX_IMAGES 64
 
+// The ABI of this header: 2 since `pali_generate_params` gained `lora` and `n_lora`
+// (LoRA adapters, `pali_adapter_load`) and `pali_run` takes an array of images and its
+// length instead of one image; a program built against an older pali.h must be rebuilt
+// (the struct grew, `pali_run`'s arguments changed).
+#define PALI_ABI_VERSION 2
+
 // A loaded model (decoder, vision tower, optional mask decoder).
 typedef struct pali_model pali_model;
 
@@ -37,6 +47,14 @@ typedef struct pali_model_params {
   // Low-memory mode: -1 = automatic (small RAM), 0 = off, 1 = on.
   int32_t low_mem;
 } pali_model_params;
+
+// One LoRA adapter of a call and its scale (1 = as trained, 0 = not applied).
+typedef struct pali_adapter_scale {
+  // The id `pali_adapter_load` returned.
+  int32_t id;
+  // Multiplies the adapter's update.
+  float scale;
+} pali_adapter_scale;
 
 // Generation parameters; start from `pali_generate_params_default()`.
 typedef struct pali_generate_params {
@@ -52,6 +70,11 @@ typedef struct pali_generate_params {
   float top_p;
   // Sampling seed.
   uint64_t seed;
+  // LoRA adapters for this call (`pali_adapter_load`'s ids) with their scales, `n_lora`
+  // of them; adapters not listed are not applied. NULL with 0: the base model. (ABI 2.)
+  const struct pali_adapter_scale *lora;
+  // Entries at `lora`.
+  size_t n_lora;
 } pali_generate_params;
 
 // A status code: `PALI_OK` or one of the `PALI_ERR_*` values.
@@ -167,6 +190,28 @@ pali_status pali_model_load(const char *decoder_path,
 // `model` is NULL or from `pali_model_load`, not yet freed, with no call on it running.
 void pali_model_free(struct pali_model *model);
 
+// Loads a LoRA adapter made by `pali convert-lora` onto a model: `path` is either file of
+// its pair (the decoder's, or the `mmproj-…` one beside it) and both parts are loaded,
+// each checked against the model first (an adapter for another model is
+// `PALI_ERR_MODEL` naming the tensor and both shapes). `*out_id` is its id for
+// `pali_generate_params.lora`: 0, 1, … in load order, never reused. Nothing is merged: one
+// model serves every adapter. Waits for calls running on the model.
+//
+// # Safety
+// `model` is from `pali_model_load`; `path` is NULL or NUL-terminated; `out_id` and
+// `out_error` are NULL or writable.
+pali_status pali_adapter_load(const struct pali_model *model,
+                              const char *path,
+                              int32_t *out_id,
+                              char **out_error);
+
+// Unloads adapter `id` from a model (`PALI_ERR_INVALID_ARGUMENT` if it has none). Waits for
+// calls running on the model.
+//
+// # Safety
+// `model` is from `pali_model_load`; `out_error` is NULL or writable.
+pali_status pali_adapter_free(const struct pali_model *model, int32_t id, char **out_error);
+
 // Runs a task on `n_images` images (`images[0]` … `images[n_images - 1]`): one image, or
 // several as ONE prompt about all of them in order (PaliGemma 2's multi-image and video
 // transfers). A clip is its frames: decode the frames you want (from a camera, or with
@@ -175,8 +220,8 @@ void pali_model_free(struct pali_model *model);
 // `pali_string_free`); with several images it has `"n_images"`. `on_token` (may be NULL)
 // receives the text as it is generated and can cancel; `params` NULL means the defaults.
 //
-// ABI change in 0.2: `pali_run` took one `const pali_image *`; it now takes the array and
-// its length (pass 1 for one image).
+// ABI 2 (`PALI_ABI_VERSION`): `pali_run` took one `const pali_image *`; it now takes the
+// array and its length (pass 1 for one image).
 //
 // # Safety
 // `model` is from `pali_model_load`; `images` is NULL or points to `n_images` valid

@@ -1,4 +1,5 @@
-//! libpali: the C API (`include/pali.h`, generated from this file by cbindgen).
+//! libpali: the C API (`include/pali.h`, generated from this crate by cbindgen: the functions
+//! here, the types in `types.rs`).
 //!
 //! In the style of `llama.h`: an opaque model handle, plain parameter structs with
 //! `*_default()` constructors, integer status codes with a message the caller frees, and
@@ -11,189 +12,19 @@
 //! when no call on it is running.
 #![allow(non_camel_case_types)]
 
+mod boundary;
+mod input;
+mod types;
+
+pub use types::*;
+
+use boundary::{guard, invalid, new_string, opt_str, Failure};
+use input::{generate_options, read_image, run_task};
 use pali_lib as pali;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// Most images one `pali_run` takes (a clip of 64 frames at 224 px is 16384 image tokens,
-/// twice PaliGemma 2's context).
-pub const PALI_MAX_IMAGES: usize = 64;
-
-/// A status code: `PALI_OK` or one of the `PALI_ERR_*` values.
-pub type pali_status = i32;
-/// Success.
-pub const PALI_OK: pali_status = 0;
-/// A NULL pointer, a bad size or value passed in (the message says which).
-pub const PALI_ERR_INVALID_ARGUMENT: pali_status = 1;
-/// A file is missing or unreadable.
-pub const PALI_ERR_IO: pali_status = 2;
-/// A model file is of the wrong kind, corrupt, or the files do not belong together.
-pub const PALI_ERR_MODEL: pali_status = 3;
-/// The image cannot be decoded, is corrupt, or is over the pixel limit.
-pub const PALI_ERR_IMAGE: pali_status = 4;
-/// The prompt is unusable or does not fit the context (`n_ctx`).
-pub const PALI_ERR_PROMPT: pali_status = 5;
-/// The token callback returned false.
-pub const PALI_ERR_CANCELLED: pali_status = 6;
-/// Anything else, including a bug caught at the boundary.
-pub const PALI_ERR_INTERNAL: pali_status = 7;
-
-/// What `pali_run` does with the text argument.
-pub type pali_task = i32;
-/// `caption <lang>`: text is the language (NULL: "en").
-pub const PALI_TASK_CAPTION: pali_task = 0;
-/// `answer en <question>`: text is the question.
-pub const PALI_TASK_ASK: pali_task = 1;
-/// `ocr`: text is ignored.
-pub const PALI_TASK_OCR: pali_task = 2;
-/// `detect a ; b`: text is the object names ("cat ; dog"); the JSON has boxes.
-pub const PALI_TASK_DETECT: pali_task = 3;
-/// `segment a ; b`: boxes, mask codes and, with a mask decoder, masks.
-pub const PALI_TASK_SEGMENT: pali_task = 4;
-/// Any prompt as is: text is the prompt.
-pub const PALI_TASK_PROMPT: pali_task = 5;
-
-/// How `pali_image.data` is laid out.
-pub type pali_image_format = i32;
-/// An image file's bytes as read from disk or a camera (JPEG, PNG, WebP, BMP, GIF).
-pub const PALI_IMAGE_ENCODED: pali_image_format = 0;
-/// Raw RGB8 pixels: `height` rows of `width` × 3 bytes, each row `stride` bytes apart.
-pub const PALI_IMAGE_RGB8: pali_image_format = 1;
-
-/// A loaded model (decoder, vision tower, optional mask decoder).
-pub struct pali_model {
-    model: pali::Model,
-}
-
-/// Model loading parameters; start from `pali_model_params_default()`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct pali_model_params {
-    /// Threads for the vision tower and the decoder; 0 = the physical cores.
-    pub n_threads: i32,
-    /// Decoder layers on the GPU (GPU builds); the vision tower follows when > 0.
-    pub n_gpu_layers: i32,
-    /// Low-memory mode: -1 = automatic (small RAM), 0 = off, 1 = on.
-    pub low_mem: i32,
-}
-
-/// Generation parameters; start from `pali_generate_params_default()`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct pali_generate_params {
-    /// Most tokens to generate.
-    pub n_predict: i32,
-    /// Largest context (prefix + generated tokens); 0 = what the request needs.
-    pub n_ctx: i32,
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// 0 = off.
-    pub top_k: i32,
-    /// 1 = off.
-    pub top_p: f32,
-    /// Sampling seed.
-    pub seed: u64,
-}
-
-/// An image: encoded bytes, or raw RGB8 pixels (what camera APIs hand over).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct pali_image {
-    /// `PALI_IMAGE_ENCODED` or `PALI_IMAGE_RGB8`.
-    pub format: pali_image_format,
-    /// The bytes.
-    pub data: *const u8,
-    /// Bytes at `data`.
-    pub size: usize,
-    /// RGB8: pixels per row.
-    pub width: u32,
-    /// RGB8: rows.
-    pub height: u32,
-    /// RGB8: bytes from one row to the next (0 = width × 3).
-    pub stride: u32,
-}
-
-/// Receives each new piece of generated text (UTF-8, NUL-terminated, valid during the
-/// call) on the calling thread; return false to cancel (`PALI_ERR_CANCELLED`).
-pub type pali_token_callback =
-    Option<unsafe extern "C" fn(piece: *const c_char, user_data: *mut c_void) -> bool>;
-
-/// Receives log lines: level (1 error, 2 warn, 3 info, 4 debug, 5 trace) and text.
-pub type pali_log_callback =
-    Option<unsafe extern "C" fn(level: i32, text: *const c_char, user_data: *mut c_void)>;
-
-/// A failure: status and message.
-struct Failure(pali_status, String);
-
-impl From<pali::Error> for Failure {
-    fn from(e: pali::Error) -> Self {
-        let status = match &e {
-            pali::Error::Image(_) => PALI_ERR_IMAGE,
-            pali::Error::InvalidOption(_) => PALI_ERR_INVALID_ARGUMENT,
-            pali::Error::Prompt(_) | pali::Error::ContextLength(_) => PALI_ERR_PROMPT,
-            pali::Error::Io(_) => PALI_ERR_IO,
-            pali::Error::Model(_) | pali::Error::Ggml(_) => PALI_ERR_MODEL,
-            pali::Error::Cancelled => PALI_ERR_CANCELLED,
-        };
-        Failure(status, e.to_string())
-    }
-}
-
-fn invalid(msg: impl Into<String>) -> Failure {
-    Failure(PALI_ERR_INVALID_ARGUMENT, msg.into())
-}
-
-/// Runs `f`, turning failures and panics into a status and `*out_error`.
-fn guard(out_error: *mut *mut c_char, f: impl FnOnce() -> Result<(), Failure>) -> pali_status {
-    if !out_error.is_null() {
-        // SAFETY: the caller passes NULL or a valid `char **`.
-        unsafe { *out_error = std::ptr::null_mut() };
-    }
-    let (status, msg) = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => return PALI_OK,
-        Ok(Err(Failure(s, m))) => (s, m),
-        Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            (
-                PALI_ERR_INTERNAL,
-                format!("internal error (a bug in pali): {what}"),
-            )
-        }
-    };
-    if !out_error.is_null() {
-        // SAFETY: as above.
-        unsafe { *out_error = new_string(&msg) };
-    }
-    status
-}
-
-/// A string the caller frees with `pali_string_free` (NULs inside are dropped).
-fn new_string(s: &str) -> *mut c_char {
-    CString::new(s.replace('\0', ""))
-        .expect("no NUL left")
-        .into_raw()
-}
-
-/// A C string argument, or None for NULL.
-///
-/// # Safety
-/// `p` is NULL or a NUL-terminated string valid for the call.
-unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, Failure> {
-    if p.is_null() {
-        return Ok(None);
-    }
-    // SAFETY: per this function's contract.
-    let s = unsafe { CStr::from_ptr(p) };
-    s.to_str()
-        .map(Some)
-        .map_err(|_| invalid(format!("{what} is not UTF-8")))
-}
 
 /// libpali's version ("0.1.0"), a static string.
 #[no_mangle]
@@ -222,6 +53,8 @@ pub extern "C" fn pali_generate_params_default() -> pali_generate_params {
         top_k: d.sampling.top_k as i32,
         top_p: d.sampling.top_p,
         seed: d.sampling.seed,
+        lora: std::ptr::null(),
+        n_lora: 0,
     }
 }
 
@@ -295,59 +128,63 @@ pub unsafe extern "C" fn pali_model_free(model: *mut pali_model) {
     }
 }
 
-/// The image as pali's RGB pixels.
+/// Loads a LoRA adapter made by `pali convert-lora` onto a model: `path` is either file of
+/// its pair (the decoder's, or the `mmproj-…` one beside it) and both parts are loaded,
+/// each checked against the model first (an adapter for another model is
+/// `PALI_ERR_MODEL` naming the tensor and both shapes). `*out_id` is its id for
+/// `pali_generate_params.lora`: 0, 1, … in load order, never reused. Nothing is merged: one
+/// model serves every adapter. Waits for calls running on the model.
 ///
 /// # Safety
-/// `image.data` points to `image.size` readable bytes (or is NULL).
-unsafe fn read_image(image: &pali_image) -> Result<pali::RgbImage, Failure> {
-    if image.data.is_null() || image.size == 0 {
-        return Err(invalid("image.data is NULL or image.size is 0"));
-    }
-    // SAFETY: per this function's contract.
-    let bytes = unsafe { std::slice::from_raw_parts(image.data, image.size) };
-    match image.format {
-        PALI_IMAGE_ENCODED => Ok(pali::image::decode_image(bytes, pali::MAX_IMAGE_PIXELS)
-            .map_err(pali::Error::from)?),
-        PALI_IMAGE_RGB8 => rgb_image(bytes, image.width, image.height, image.stride),
-        f => Err(invalid(format!(
-            "image.format {f}: use PALI_IMAGE_ENCODED ({PALI_IMAGE_ENCODED}) or PALI_IMAGE_RGB8 ({PALI_IMAGE_RGB8})"
-        ))),
-    }
+/// `model` is from `pali_model_load`; `path` is NULL or NUL-terminated; `out_id` and
+/// `out_error` are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn pali_adapter_load(
+    model: *const pali_model,
+    path: *const c_char,
+    out_id: *mut i32,
+    out_error: *mut *mut c_char,
+) -> pali_status {
+    guard(out_error, || {
+        if out_id.is_null() {
+            return Err(invalid("out_id is NULL"));
+        }
+        // SAFETY: checked non-NULL; the caller passes a writable pointer.
+        unsafe { *out_id = -1 };
+        // SAFETY: per this function's contract (NULL checked).
+        let model = &unsafe { model.as_ref() }
+            .ok_or_else(|| invalid("model is NULL"))?
+            .model;
+        // SAFETY: as above.
+        let path = unsafe { opt_str(path, "path")? }.ok_or_else(|| invalid("path is NULL"))?;
+        let id = model.load_adapter(path)?;
+        let id = i32::try_from(id.0).map_err(|_| invalid("too many adapters loaded"))?;
+        // SAFETY: checked non-NULL above.
+        unsafe { *out_id = id };
+        Ok(())
+    })
 }
 
-/// Packs strided RGB8 rows, checking the sizes against the buffer.
-fn rgb_image(bytes: &[u8], w: u32, h: u32, stride: u32) -> Result<pali::RgbImage, Failure> {
-    let row = w as u64 * 3;
-    let stride = if stride == 0 { row } else { u64::from(stride) };
-    if w == 0 || h == 0 {
-        return Err(invalid(format!(
-            "image is {w}x{h}: width and height must be at least 1"
-        )));
-    }
-    if u64::from(w) * u64::from(h) > pali::MAX_IMAGE_PIXELS {
-        return Err(invalid(format!(
-            "image is {w}x{h}: over the limit of {} pixels",
-            pali::MAX_IMAGE_PIXELS
-        )));
-    }
-    if stride < row {
-        return Err(invalid(format!(
-            "image.stride {stride} is less than width x 3 = {row}"
-        )));
-    }
-    let need = stride * (u64::from(h) - 1) + row;
-    if (bytes.len() as u64) < need {
-        return Err(invalid(format!(
-            "image.size {} is too small for {w}x{h} RGB8 with stride {stride}: needs {need} bytes",
-            bytes.len()
-        )));
-    }
-    let mut data = Vec::with_capacity((row * u64::from(h)) as usize);
-    for y in 0..u64::from(h) {
-        let start = (y * stride) as usize;
-        data.extend_from_slice(&bytes[start..start + row as usize]);
-    }
-    Ok(pali::RgbImage::new(w, h, data).expect("sizes checked"))
+/// Unloads adapter `id` from a model (`PALI_ERR_INVALID_ARGUMENT` if it has none). Waits for
+/// calls running on the model.
+///
+/// # Safety
+/// `model` is from `pali_model_load`; `out_error` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn pali_adapter_free(
+    model: *const pali_model,
+    id: i32,
+    out_error: *mut *mut c_char,
+) -> pali_status {
+    guard(out_error, || {
+        // SAFETY: per this function's contract (NULL checked).
+        let model = &unsafe { model.as_ref() }
+            .ok_or_else(|| invalid("model is NULL"))?
+            .model;
+        let id =
+            u32::try_from(id).map_err(|_| invalid(format!("adapter id {id}: no such adapter")))?;
+        Ok(model.free_adapter(pali::AdapterId(id))?)
+    })
 }
 
 /// Runs a task on `n_images` images (`images[0]` … `images[n_images - 1]`): one image, or
@@ -358,8 +195,8 @@ fn rgb_image(bytes: &[u8], w: u32, h: u32, stride: u32) -> Result<pali::RgbImage
 /// `pali_string_free`); with several images it has `"n_images"`. `on_token` (may be NULL)
 /// receives the text as it is generated and can cancel; `params` NULL means the defaults.
 ///
-/// ABI change in 0.2: `pali_run` took one `const pali_image *`; it now takes the array and
-/// its length (pass 1 for one image).
+/// ABI 2 (`PALI_ABI_VERSION`): `pali_run` took one `const pali_image *`; it now takes the
+/// array and its length (pass 1 for one image).
 ///
 /// # Safety
 /// `model` is from `pali_model_load`; `images` is NULL or points to `n_images` valid
@@ -422,7 +259,8 @@ pub unsafe extern "C" fn pali_run(
             })
             .collect::<Result<Vec<_>, _>>()?;
         let cancel = Arc::new(AtomicBool::new(false));
-        let opts = generate_options(&params, &cancel)?;
+        // SAFETY: as above: `lora` holds `n_lora` entries or is checked.
+        let opts = unsafe { generate_options(&params, &cancel)? };
         let mut on_text = |piece: &str| {
             if let Some(cb) = on_token {
                 let c = CString::new(piece.replace('\0', "")).expect("no NUL left");
@@ -437,55 +275,6 @@ pub unsafe extern "C" fn pali_run(
         unsafe { *out_json = new_string(&json.to_string()) };
         Ok(())
     })
-}
-
-fn generate_options(
-    p: &pali_generate_params,
-    cancel: &Arc<AtomicBool>,
-) -> Result<pali::GenerateOptions, Failure> {
-    // The library's one validation: the CLI's and the server's rules and messages.
-    let values = pali::options::RequestValues {
-        n_predict: Some(p.n_predict.into()),
-        max_ctx: Some(p.n_ctx.into()),
-        temperature: Some(p.temperature),
-        top_k: Some(p.top_k.into()),
-        top_p: Some(p.top_p),
-        seed: Some(p.seed),
-        ..Default::default()
-    };
-    Ok(pali::GenerateOptions {
-        cancel: Some(cancel.clone()),
-        ..pali::GenerateOptions::default().apply(&values)?
-    })
-}
-
-/// One task through the library's task API, as the CLI's JSON.
-fn run_task(
-    model: &pali::Model,
-    imgs: &[pali::RgbImage],
-    task: pali_task,
-    text: Option<&str>,
-    opts: &pali::GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<serde_json::Value, Failure> {
-    let need_text = |what: &str| text.ok_or_else(|| invalid(format!("text is NULL: give {what}")));
-    let objects = || need_text("the object names, e.g. \"cat ; dog\"").map(|t| vec![t.to_string()]);
-    let t = match task {
-        PALI_TASK_DETECT => pali::Task::Detect(objects()?),
-        PALI_TASK_SEGMENT => pali::Task::Segment(objects()?),
-        PALI_TASK_CAPTION => pali::Task::Caption {
-            lang: text.unwrap_or("en").into(),
-            long: false,
-        },
-        PALI_TASK_ASK => pali::Task::Ask {
-            lang: "en".into(),
-            question: need_text("the question")?.into(),
-        },
-        PALI_TASK_OCR => pali::Task::Ocr,
-        PALI_TASK_PROMPT => pali::Task::Raw(need_text("the prompt")?.into()),
-        other => return Err(invalid(format!("task {other} is not a PALI_TASK_* value"))),
-    };
-    Ok(pali::tasks::to_json(&model.run(imgs, &t, opts, on_text)?))
 }
 
 /// Frees a string returned by libpali (NULL is ignored).

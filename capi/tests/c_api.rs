@@ -238,3 +238,119 @@ fn bad_input_through_the_c_api_is_a_status_and_a_message() {
         assert_eq!(line(name), (1, want), "{name}");
     }
 }
+
+/// The tiny-224 fixture (F16) and its `hf` LoRA adapter (a decoder + mmproj pair), converted
+/// into this test's folder: (decoder, mmproj, the adapter's decoder file).
+fn lora_fixture() -> (PathBuf, PathBuf, PathBuf) {
+    use pali_convert::{ConvertOptions, LoraConvertOptions};
+    use pali_ggml::quant::FileType;
+    let fixtures = root().join("models/fixtures");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("c-lora");
+    let base = pali_convert::convert(
+        &ConvertOptions {
+            input: fixtures.join("tiny-224/hf"),
+            out_dir: out.clone(),
+            text_type: FileType::F16,
+            vision_type: FileType::F16,
+            force: true,
+            name: Some("tiny".into()),
+            threads: 2,
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let lora = pali_convert::convert_lora(
+        &LoraConvertOptions {
+            input: fixtures.join("lora/hf/adapter"),
+            out_dir: out,
+            ty: FileType::F16,
+            force: true,
+            name: Some("hf".into()),
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (base.decoder, base.mmproj, lora.decoder.unwrap())
+}
+
+/// `pali_adapter_load` / `pali_adapter_free` and `pali_generate_params.lora`: the C caption
+/// with the adapter is the library's, scale 0 is the base, and every bad id, pointer, file
+/// or scale is a status with the library's message.
+#[test]
+fn lora_adapters_through_the_c_api() {
+    let exe = build_c(&root().join("capi/tests/c/lora_test.c"), "lora_test");
+    let (m, p, a) = lora_fixture();
+    let img = root().join("models/fixtures/images/wide.png");
+    let s = |p: &Path| p.display().to_string();
+    let out = run_c(&exe, &[&s(&m), &s(&p), &s(&a), &s(&img)]);
+    let line = |name: &str| -> (i32, String) {
+        let l = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"));
+        let (st, msg) = l.split_once(' ').unwrap_or((l, ""));
+        (st.parse().unwrap(), msg.to_string())
+    };
+    assert_eq!(line("abi").0, 2);
+    assert_eq!(line("adapter_load").0, 0);
+    assert_eq!(line("adapter_id").0, 0);
+    for (name, status, needle) in [
+        ("adapter_null_path", 1, "path is NULL"),
+        (
+            "adapter_missing",
+            2,
+            "/nonexistent/adapter.gguf: file not found",
+        ),
+        ("adapter_not_adapter", 3, "is not a LoRA adapter"),
+        ("adapter_null_out", 1, "out_id is NULL"),
+        (
+            "unknown_id",
+            1,
+            "lora (--lora)[0].id = 5: no such adapter (loaded: 0)",
+        ),
+        (
+            "nan_scale",
+            1,
+            "lora (--lora)[0].scale = NaN: must be a finite number",
+        ),
+        ("null_lora", 1, "params.lora is NULL but n_lora is 1"),
+        ("free_again", 1, "lora (--lora)[0].id = 0: no such adapter"),
+        ("freed_id", 1, "no such adapter"),
+    ] {
+        let (st, msg) = line(name);
+        assert_eq!(st, status, "{name}: {msg}");
+        assert!(msg.contains(needle), "{name}: {needle:?} not in {msg:?}");
+    }
+    assert_eq!(line("free").0, 0);
+    // The library with the same files and adapter.
+    let model = pali::Model::load(
+        &pali::ModelPaths::new(&m, &p),
+        &pali::LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let id = model.load_adapter(&a).unwrap();
+    let image = pali::image::load_image(&img, pali::MAX_IMAGE_PIXELS).unwrap();
+    let caption = |lora: Vec<pali::AdapterScale>| {
+        let o = pali::GenerateOptions {
+            n_predict: 8,
+            lora,
+            ..Default::default()
+        };
+        pali::tasks::to_json(&model.caption(&image, "en", &o).unwrap())
+    };
+    let json = |name: &str| -> Value {
+        let (st, j) = line(name);
+        assert_eq!(st, 0, "{name}: {j}");
+        serde_json::from_str(&j).unwrap()
+    };
+    same_answer(
+        &json("with_lora"),
+        &caption(vec![pali::AdapterScale::new(id, 1.0)]),
+    );
+    same_answer(&json("base"), &caption(Vec::new()));
+    same_answer(&json("scale_zero"), &json("base"));
+    assert_ne!(json("with_lora")["tokens"], json("base")["tokens"]);
+}

@@ -30,6 +30,9 @@ fn committed_header_is_fresh() {
         "pali_string_free",
         "pali_log_set",
         "PALI_ERR_IMAGE",
+        "pali_adapter_load",
+        "pali_adapter_free",
+        "PALI_ABI_VERSION 2",
     ] {
         assert!(fresh.contains(name), "{name} missing from the header");
     }

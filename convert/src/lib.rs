@@ -1,5 +1,6 @@
 //! `pali convert`: an HF PaliGemma 2 checkpoint → a llama.cpp `gemma2` decoder GGUF and an
-//! `mmproj` GGUF (SigLIP + projector + preprocessing metadata).
+//! `mmproj` GGUF (SigLIP + projector + preprocessing metadata); `pali convert-lora`
+//! ([`lora`]): a PEFT LoRA adapter → the same two-file layout of llama.cpp adapter GGUFs.
 //!
 //! Tensors stream from memmap'd safetensors one at a time; quantized decoders are made by
 //! llama.cpp's own quantizer from a lossless intermediate, so a pali Q4_K_M file is what
@@ -11,6 +12,7 @@
 
 pub mod config;
 mod error;
+pub mod lora;
 mod npz;
 mod plan;
 pub mod safetensors;
@@ -19,6 +21,7 @@ pub mod vocab;
 mod write;
 
 pub use error::{ConvertError, Result};
+pub use lora::{convert_lora, LoraConvertOptions, LoraConvertOutput};
 pub use pali_ggml::atomic_file::remove_partial_files;
 pub use vae::convert_vae;
 pub use write::INTERRUPTED;

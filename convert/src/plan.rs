@@ -17,6 +17,8 @@ pub(crate) struct Planned<'a> {
     pub(crate) fixup: Fixup,
     pub(crate) ty: GgmlType,
     pub(crate) pad: Pad,
+    /// Every value is multiplied by this on the way (1 = stored as is).
+    pub(crate) scale: f32,
 }
 
 /// Zero padding on the way into GGUF (see [`pad_vision_ffn`]).
@@ -79,6 +81,7 @@ fn plan_one<'a>(
         fixup,
         ty: GgmlType::F32,
         pad: Pad::None,
+        scale: 1.0,
     });
     Ok(())
 }

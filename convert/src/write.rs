@@ -122,13 +122,16 @@ pub(crate) fn write_tensor(ckpt: &Checkpoint, p: &Planned, out: &mut dyn Write) 
     for r0 in (0..n_rows).step_by(rows_per_chunk) {
         let r1 = (r0 + rows_per_chunk).min(n_rows);
         let src = &bytes[r0 * src_row_bytes..r1 * src_row_bytes];
-        if p.fixup == Fixup::None && e.dtype.ggml() == p.ty && src_row == row {
+        if p.fixup == Fixup::None && p.scale == 1.0 && e.dtype.ggml() == p.ty && src_row == row {
             out.write_all(src)
                 .map_err(|err| tensor_err(err.to_string()))?;
         } else {
             let mut vals = pali_ggml::quant::to_f32(e.dtype.ggml(), src)?;
             if p.fixup == Fixup::AddOne {
                 vals.iter_mut().for_each(|v| *v += 1.0);
+            }
+            if p.scale != 1.0 {
+                vals.iter_mut().for_each(|v| *v *= p.scale);
             }
             if src_row != row {
                 vals = vals

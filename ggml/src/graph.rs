@@ -363,6 +363,19 @@ impl<'w> Graph<'w> {
         Ok(self.wrap(raw))
     }
 
+    /// A tensor of another file's [`Weights`] loaded on the same backend (a LoRA adapter's,
+    /// next to the base weights of [`Graph::new`]), by name; `None` if it has none so named.
+    pub fn weight_from(&self, weights: &'w Weights, name: &str) -> Result<Option<Tensor<'_>>> {
+        if weights.on_cpu != self.weights.on_cpu {
+            return Err(Error::Invalid(format!(
+                "{} is loaded on another backend than {}",
+                weights.file.path().display(),
+                self.weights.file.path().display()
+            )));
+        }
+        Ok(weights.file.raw_tensor(name).map(|raw| self.wrap(raw)))
+    }
+
     /// An F32 input tensor of shape `ne` filled with `data` when the graph runs.
     pub fn input(&self, ne: &[i64], data: Vec<f32>) -> Tensor<'_> {
         assert_eq!(
@@ -596,6 +609,14 @@ impl<'w> Graph<'w> {
                 x0 as usize * nb[0] + y0 as usize * nb[1],
             )
         })
+    }
+
+    /// `a` (`[n, …]`) with zero rows appended along ne0 up to `rows`.
+    pub fn pad_rows(&self, a: Tensor<'_>, rows: i64) -> Tensor<'_> {
+        let n = a.ne()[0];
+        assert!(rows >= n, "pad_rows: {rows} rows is fewer than {n}");
+        // SAFETY: valid context and tensor; a non-negative padding.
+        self.wrap(unsafe { sys::ggml_pad(self.ctx, a.raw, (rows - n) as i32, 0, 0, 0) })
     }
 
     /// Normalises over ne0 (mean 0, variance 1): the LayerNorm core.

@@ -30,7 +30,14 @@ pub struct LlamaModel {
     raw: *mut sys::llama_model,
     /// llama.cpp's own mappings of the file, watched for truncation (see [`crate::mapped`]).
     watched: Vec<crate::mapped::Watched>,
+    /// LoRA adapters loaded onto the model ([`LlamaModel::load_adapter`]); NULL once freed.
+    adapters: Vec<*mut sys::llama_adapter_lora>,
 }
+
+/// A LoRA adapter loaded onto one [`LlamaModel`] ([`LlamaModel::load_adapter`]), applied per
+/// context with [`LlamaContext::set_adapters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LoraAdapter(usize);
 
 // SAFETY: llama_model is immutable after loading and documented as shareable across contexts.
 unsafe impl Send for LlamaModel {}
@@ -40,8 +47,13 @@ unsafe impl Sync for LlamaModel {}
 impl Drop for LlamaModel {
     fn drop(&mut self) {
         self.watched.clear();
-        // SAFETY: owned pointer, freed once.
-        unsafe { sys::llama_model_free(self.raw) }
+        // SAFETY: owned pointers, freed once: the adapters before their model.
+        unsafe {
+            for a in self.adapters.drain(..).filter(|a| !a.is_null()) {
+                sys::llama_adapter_lora_free(a);
+            }
+            sys::llama_model_free(self.raw)
+        }
     }
 }
 
@@ -121,7 +133,73 @@ impl LlamaModel {
         Ok(LlamaModel {
             raw,
             watched: crate::mapped::watch_file_mappings(path),
+            adapters: Vec::new(),
         })
+    }
+
+    /// Loads a llama.cpp LoRA adapter GGUF (`general.type = adapter`, `adapter.type = lora`,
+    /// the model's architecture, `<tensor>.lora_a` / `.lora_b` pairs) onto this model with
+    /// llama.cpp's own loader (`llama_adapter_lora_init`), which copies its tensors next to
+    /// the ones they change (on the CPU, or the device holding them). It changes nothing
+    /// until a context asks for it ([`LlamaContext::set_adapters`]). `&mut self`: no context
+    /// of the model is alive meanwhile.
+    ///
+    /// The metadata llama.cpp reads with type assertions (aborting the process on a wrong
+    /// type) is checked first; llama.cpp itself then refuses a wrong architecture, tensors
+    /// the model lacks or whose shapes differ, with the reason in the error.
+    pub fn load_adapter(&mut self, path: &Path) -> Result<LoraAdapter> {
+        check_adapter_metadata(path)?;
+        let cpath = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| Error::Invalid(format!("bad path {}", path.display())))?;
+        crate::logging::clear_last_error();
+        // SAFETY: valid model with no live context (&mut self); the path outlives the call;
+        // NULL is checked.
+        let raw = unsafe { sys::llama_adapter_lora_init(self.raw, cpath.as_ptr()) };
+        if raw.is_null() {
+            let why = crate::logging::take_last_error().unwrap_or_else(|| "unreadable".into());
+            return Err(Error::Backend(format!(
+                "llama.cpp could not load the LoRA adapter {}: {why}",
+                path.display()
+            )));
+        }
+        self.adapters.push(raw);
+        Ok(LoraAdapter(self.adapters.len() - 1))
+    }
+
+    /// Frees an adapter of this model (an error if it was freed already). `&mut self`: no
+    /// context uses it meanwhile.
+    pub fn free_adapter(&mut self, adapter: LoraAdapter) -> Result<()> {
+        let raw = self.adapter_raw(adapter)?;
+        // SAFETY: an adapter of this model, not freed (checked), used by no context.
+        unsafe { sys::llama_adapter_lora_free(raw) };
+        self.adapters[adapter.0] = ptr::null_mut();
+        Ok(())
+    }
+
+    /// A metadata value of a loaded adapter, as text (`llama_adapter_meta_val_str`).
+    pub fn adapter_meta(&self, adapter: LoraAdapter, key: &str) -> Option<String> {
+        let raw = self.adapter_raw(adapter).ok()?;
+        let key = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        // SAFETY: valid adapter; the buffer's size is passed; a negative result is a miss.
+        let n = unsafe {
+            sys::llama_adapter_meta_val_str(raw, key.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        if n < 0 {
+            return None;
+        }
+        buf.truncate((n as usize).min(buf.len() - 1));
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    fn adapter_raw(&self, adapter: LoraAdapter) -> Result<*mut sys::llama_adapter_lora> {
+        match self.adapters.get(adapter.0) {
+            Some(a) if !a.is_null() => Ok(*a),
+            _ => Err(Error::Invalid(format!(
+                "LoRA adapter {} is not loaded on this model",
+                adapter.0
+            ))),
+        }
     }
 
     /// Hidden size.
@@ -340,6 +418,34 @@ impl<'m> LlamaContext<'m> {
         })
     }
 
+    /// The LoRA adapters this context applies from now on, each with its scale (llama.cpp's
+    /// `llama_set_adapters_lora`: scale 0 = not applied); replaces the previous set.
+    pub fn set_adapters(&mut self, adapters: &[(LoraAdapter, f32)]) -> Result<()> {
+        let mut raw = Vec::with_capacity(adapters.len());
+        let mut scales = Vec::with_capacity(adapters.len());
+        for &(a, s) in adapters {
+            if !s.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "LoRA adapter {} has scale {s}: must be a finite number",
+                    a.0
+                )));
+            }
+            raw.push(self.model.adapter_raw(a)?);
+            scales.push(s);
+        }
+        // SAFETY: valid context; adapters of its model, alive while the context borrows the
+        // model; both arrays hold `adapters.len()` entries.
+        let rc = unsafe {
+            sys::llama_set_adapters_lora(self.raw, raw.as_mut_ptr(), raw.len(), scales.as_mut_ptr())
+        };
+        if rc != 0 {
+            return Err(Error::Backend(format!(
+                "llama.cpp refused the LoRA adapters (code {rc})"
+            )));
+        }
+        Ok(())
+    }
+
     /// Forgets everything decoded so far.
     pub fn clear(&mut self) {
         // SAFETY: valid context and its memory.
@@ -480,6 +586,42 @@ impl<'m> LlamaContext<'m> {
             std::slice::from_raw_parts(p, self.model.n_vocab())
         }
     }
+}
+
+/// The metadata `llama_adapter_lora_init` reads with asserting getters (a wrong type aborts
+/// the process): `general.type`, `general.architecture`, `adapter.type` strings,
+/// `adapter.lora.alpha` an f32, `adapter.alora.invocation_tokens` a u32 array.
+fn check_adapter_metadata(path: &Path) -> Result<()> {
+    use crate::gguf::{GgufFile, Value};
+    use crate::schema::{adapter, keys};
+    let f = GgufFile::open(path)?;
+    let wrong = |key: &str, what: &str| {
+        Err(Error::Invalid(format!(
+            "{}: metadata key {key} is not {what}",
+            path.display()
+        )))
+    };
+    for key in [
+        adapter::GENERAL_TYPE,
+        keys::ARCHITECTURE,
+        adapter::ADAPTER_TYPE,
+    ] {
+        if !matches!(f.get(key), None | Some(Value::Str(_))) {
+            return wrong(key, "a string");
+        }
+    }
+    if !matches!(f.get(adapter::LORA_ALPHA), None | Some(Value::F32(_))) {
+        return wrong(adapter::LORA_ALPHA, "a float");
+    }
+    const ALORA: &str = "adapter.alora.invocation_tokens";
+    if f.has(ALORA) {
+        // llama.cpp copies it as u32s; pali writes none and has no use for activated LoRA.
+        return Err(Error::Invalid(format!(
+            "{}: {ALORA}: activated LoRA (aLoRA) adapters are not supported",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Drops this process's page-table entries for every memory mapping of `path` and returns

@@ -292,6 +292,79 @@ pub mod vision {
     ];
 }
 
+/// LoRA adapters (`pali convert-lora`): llama.cpp's adapter GGUF (what its
+/// `convert_lora_to_gguf.py` writes and `llama_adapter_lora_init` reads), one file per half
+/// of the model as the model itself: the decoder's adapter (architecture `gemma2`) and, when
+/// the adapter also changes the vision tower or the projector, an `mmproj-…` adapter
+/// (architecture `clip`) beside it. Each LoRA pair is stored under its base tensor's GGUF name
+/// with `.lora_a` (ggml `[in, r]`, PEFT's `lora_A.weight` `[r, in]` as is) and `.lora_b` (ggml
+/// `[r, out]`); the update is `scale · alpha / r · B (A x)` with `alpha` = [`adapter::LORA_ALPHA`]
+/// (llama.cpp's rule; PEFT's per-module alphas, ranks and rsLoRA are folded into `B`).
+pub mod adapter {
+    use super::{decoder, vision};
+    /// `general.type`: [`TYPE_ADAPTER`] in adapter files.
+    pub const GENERAL_TYPE: &str = "general.type";
+    #[allow(missing_docs)]
+    pub const TYPE_ADAPTER: &str = "adapter";
+    /// `adapter.type`: [`TYPE_LORA`].
+    pub const ADAPTER_TYPE: &str = "adapter.type";
+    #[allow(missing_docs)]
+    pub const TYPE_LORA: &str = "lora";
+    /// `adapter.lora.alpha` (f32): the scale of every pair is `alpha / r` (0: 1).
+    pub const LORA_ALPHA: &str = "adapter.lora.alpha";
+    /// pali's own (llama.cpp ignores it): whether the pair has a decoder file (bool).
+    pub const HAS_DECODER: &str = "paligemma.adapter.decoder";
+    /// pali's own: whether the pair has an `mmproj-…` file (bool).
+    pub const HAS_VISION: &str = "paligemma.adapter.vision";
+    /// Suffix of a pair's down projection `A`.
+    pub const SUFFIX_A: &str = ".lora_a";
+    /// Suffix of a pair's up projection `B`.
+    pub const SUFFIX_B: &str = ".lora_b";
+    /// The vision file of a pair is named as its decoder file with this prefix.
+    pub const MMPROJ_PREFIX: &str = "mmproj-";
+
+    /// PEFT's adapter folder: the config file.
+    pub const PEFT_CONFIG: &str = "adapter_config.json";
+    /// PEFT's adapter folder: the weights.
+    pub const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
+    /// The prefix PEFT puts before every module path.
+    pub const PEFT_PREFIX: &str = "base_model.model.";
+    /// PEFT's suffix of a module's `A` matrix.
+    pub const PEFT_A: &str = ".lora_A.weight";
+    /// PEFT's suffix of a module's `B` matrix.
+    pub const PEFT_B: &str = ".lora_B.weight";
+
+    /// Decoder modules an adapter may change: HF module path after `layers.{i}.` → GGUF
+    /// weight after `blk.{i}.`.
+    pub const DECODER_TARGETS: &[(&str, &str)] = &[
+        ("self_attn.q_proj", "attn_q.weight"),
+        ("self_attn.k_proj", "attn_k.weight"),
+        ("self_attn.v_proj", "attn_v.weight"),
+        ("self_attn.o_proj", "attn_output.weight"),
+        ("mlp.gate_proj", "ffn_gate.weight"),
+        ("mlp.up_proj", "ffn_up.weight"),
+        ("mlp.down_proj", "ffn_down.weight"),
+    ];
+    /// Vision modules: HF module path after `encoder.layers.{i}.` → GGUF weight after
+    /// `v.blk.{i}.`.
+    pub const VISION_TARGETS: &[(&str, &str)] = &[
+        ("self_attn.q_proj", vision::Q_W),
+        ("self_attn.k_proj", vision::K_W),
+        ("self_attn.v_proj", vision::V_W),
+        ("self_attn.out_proj", vision::O_W),
+        ("mlp.fc1", vision::FC1_W),
+        ("mlp.fc2", vision::FC2_W),
+    ];
+    /// The projector's module (after the projector prefix) → its GGUF weight.
+    pub const PROJECTOR_TARGET: (&str, &str) = ("linear", vision::PROJ_W);
+    /// Modules no adapter may change, with why: Gemma ties its output head to the embedding,
+    /// which pali also reads itself to build the prefix.
+    pub const REFUSED: &[(&str, &str)] = &[
+        ("embed_tokens", decoder::TOKEN_EMBD),
+        ("lm_head", decoder::TOKEN_EMBD),
+    ];
+}
+
 /// GGUF name of a per-layer decoder tensor.
 pub fn decoder_block(layer: usize, suffix: &str) -> String {
     format!("blk.{layer}.{suffix}")

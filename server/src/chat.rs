@@ -49,6 +49,8 @@ struct ChatRequest {
     frames: Option<i64>,
     /// A clip's frames: how many per second of its time.
     fps: Option<f64>,
+    /// llama-server's per-request adapters: `[{"id", "scale"}]`.
+    lora: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -177,6 +179,10 @@ pub fn parse(
             seed: req.seed.map(|s| s as u64),
             stop,
             ignore_eos: req.ignore_eos,
+            lora: req
+                .lora
+                .map(|v| crate::lora::parse_lora(&v, "lora"))
+                .transpose()?,
         },
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
@@ -353,11 +359,12 @@ async fn chat_response<E: Engine>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.config.max_body)?;
-    let job = parse(
+    let mut job = parse(
         &body,
         state.config.allow_files.as_deref(),
         state.config.max_frames,
     )?;
+    state.fill_lora(&mut job.sampling);
     let engine = state.engine.get().ok_or_else(ApiError::loading)?;
     engine.check_options(&job.sampling)?;
     let rid = ResponseId {

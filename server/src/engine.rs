@@ -22,6 +22,22 @@ pub struct RequestOptions {
     pub stop: Option<Vec<String>>,
     /// Generate exactly `max_tokens`, past the end of text (llama-server's `ignore_eos`).
     pub ignore_eos: bool,
+    /// LoRA adapters and scales, `(id, scale)` as sent (the engine checks them): the
+    /// request's `"lora"` (adapters it does not list are not applied), or else the server's
+    /// global scales (`--lora`, `POST /lora-adapters`); `None` only when the engine has none.
+    pub lora: Option<Vec<(i64, f64)>>,
+}
+
+/// A LoRA adapter the engine loaded at start (llama-server's `--lora`), with its global scale,
+/// as `GET /lora-adapters` lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Adapter {
+    /// Its id in requests' `"lora": [{"id", "scale"}]`.
+    pub id: u32,
+    /// The file it was loaded from.
+    pub path: String,
+    /// The scale requests without `"lora"` get (0: loaded, not applied).
+    pub scale: f32,
 }
 
 /// What a prompt is about, not yet decoded.
@@ -152,8 +168,14 @@ impl EngineError {
 pub trait Engine: Send + Sync + 'static {
     /// The model name shown in `/v1/models` and in responses.
     fn model_id(&self) -> String;
+    /// The LoRA adapters loaded with the model and their initial global scales (ids as the
+    /// engine numbers them); none by default.
+    fn adapters(&self) -> Vec<Adapter> {
+        Vec::new()
+    }
     /// Refuses a request's options before it is queued (an `InvalidRequest` becomes a
-    /// 400): the engine's own rules, the same every front end of the model applies.
+    /// 400): the engine's own rules, the same every front end of the model applies (also
+    /// for `POST /lora-adapters`, sent as `lora` alone).
     fn check_options(&self, _options: &RequestOptions) -> Result<(), EngineError> {
         Ok(())
     }

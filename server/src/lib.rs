@@ -23,13 +23,14 @@ pub mod error;
 pub mod input;
 mod listen;
 mod locate;
+pub mod lora;
 pub mod metrics;
 mod state;
 
 pub use config::Config;
 pub use engine::{
-    Completion, CompletionRequest, Engine, EngineError, ErrorKind, LocateRequest, LocateResponse,
-    Media, RequestOptions, Stages, Usage, Video,
+    Adapter, Completion, CompletionRequest, Engine, EngineError, ErrorKind, LocateRequest,
+    LocateResponse, Media, RequestOptions, Stages, Usage, Video,
 };
 pub use error::ApiError;
 
@@ -60,6 +61,7 @@ pub async fn serve<E: Engine>(
         tokio::task::spawn_blocking(move || {
             let engine = load()?;
             log::info!("model {} loaded", engine.model_id());
+            *state::lock(&state.lora) = engine.adapters();
             let _ = state.engine.set(engine);
             Ok::<(), String>(())
         })
@@ -135,6 +137,7 @@ fn router<E: Engine>(state: Shared<E>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions::<E>))
         .route("/chat/completions", post(chat::chat_completions::<E>))
         .route("/v1/detect", post(locate::locate_handler::<E>))
+        .route("/lora-adapters", get(lora::list::<E>).post(lora::set::<E>))
         .route("/v1/segment", post(locate::locate_handler::<E>))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .layer(DefaultBodyLimit::max(max_body))
@@ -165,8 +168,10 @@ async fn models<E: Engine>(State(s): State<Shared<E>>) -> Response {
     let Some(e) = s.engine.get() else {
         return ApiError::loading().into_response();
     };
+    let adapters = state::lock(&s.lora).clone();
     Json(serde_json::json!({ "object": "list", "data": [{
         "id": e.model_id(), "object": "model", "created": state::unix_now(), "owned_by": "pali",
+        "lora_adapters": adapters,
     }]}))
     .into_response()
 }

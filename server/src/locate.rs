@@ -38,11 +38,12 @@ async fn locate<E: Engine>(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let (image, objects, sampling) = if ctype.starts_with("multipart/form-data") {
+        let (image, objects, mut sampling) = if ctype.starts_with("multipart/form-data") {
             locate_form(ctype, body).await?
         } else {
             locate_json(&body, state.config.allow_files.as_deref())?
         };
+        state.fill_lora(&mut sampling);
         if let Some(engine) = state.engine.get() {
             engine.check_options(&sampling)?;
         }
@@ -62,7 +63,7 @@ async fn locate<E: Engine>(
 }
 
 /// `{"image": "<base64 or data URL>" | "image_url": "...", "objects": [..] | "a ; b",
-/// "max_tokens": N}`.
+/// "max_tokens": N, "lora": [{"id", "scale"}]}`.
 fn locate_json(
     body: &[u8],
     allow_files: Option<&std::path::Path>,
@@ -73,6 +74,7 @@ fn locate_json(
         image_url: Option<String>,
         objects: Option<Objects>,
         max_tokens: Option<i64>,
+        lora: Option<serde_json::Value>,
     }
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
@@ -100,7 +102,12 @@ fn locate_json(
         Some(Objects::One(s)) => vec![s],
         Some(Objects::Many(v)) => v,
     };
-    Ok((image, objects, max_tokens_only(b.max_tokens)?))
+    let mut options = max_tokens_only(b.max_tokens)?;
+    options.lora = b
+        .lora
+        .map(|v| crate::lora::parse_lora(&v, "lora"))
+        .transpose()?;
+    Ok((image, objects, options))
 }
 
 /// A multipart upload: one file part `image`, text parts `objects` (repeatable, or `a ; b`)

@@ -2,7 +2,7 @@
 //! bookkeeping of admission ([`crate::admit`]).
 
 use crate::config::Config;
-use crate::engine::{Stages, Usage};
+use crate::engine::{Adapter, RequestOptions, Stages, Usage};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -23,6 +23,8 @@ pub(crate) struct ServerState<E> {
     pub(crate) next_id: AtomicU64,
     /// Cancel flags of the requests in flight, to cancel them at shutdown.
     pub(crate) in_flight: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    /// The engine's LoRA adapters with their global scales (`POST /lora-adapters`).
+    pub(crate) lora: Mutex<Vec<Adapter>>,
 }
 
 /// The state as the handlers hold it.
@@ -38,7 +40,23 @@ impl<E> ServerState<E> {
             admitted: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             in_flight: Mutex::new(HashMap::new()),
+            lora: Mutex::new(Vec::new()),
             config,
+        }
+    }
+
+    /// A request without `"lora"` gets the global scales (as llama-server).
+    pub(crate) fn fill_lora(&self, options: &mut RequestOptions) {
+        if options.lora.is_none() {
+            let global = lock(&self.lora);
+            if !global.is_empty() {
+                options.lora = Some(
+                    global
+                        .iter()
+                        .map(|a| (i64::from(a.id), f64::from(a.scale)))
+                        .collect(),
+                );
+            }
         }
     }
 

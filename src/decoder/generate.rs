@@ -71,6 +71,10 @@ impl Decoder {
             op_offload: self.offloaded,
         };
         let mut ctx = LlamaContext::new(&self.model, &params)?;
+        let adapters = self.adapter_selection(&opts.lora)?;
+        if !adapters.is_empty() {
+            ctx.set_adapters(&adapters)?;
+        }
         let t0 = std::time::Instant::now();
         ctx.decode_embeddings(prefix.rows, 0, false)?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -2,10 +2,11 @@
 //! facts of its header ([`super::header`]).
 
 use super::header::{DecoderFacts, DecoderHeader};
+use crate::options::AdapterId;
 use crate::{Error, Result};
-use pali_ggml::llama::{LlamaModel, ModelParams};
+use pali_ggml::llama::{LlamaModel, LoraAdapter, ModelParams};
 use pali_ggml::schema::keys;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How the decoder treats Gemma 2's sliding window (see README "Sliding window").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,6 +56,10 @@ pub struct Decoder {
     /// Whether layers were offloaded (GPU or RPC): only then may llama.cpp send host
     /// layers' batch ops to a device too.
     pub(super) offloaded: bool,
+    /// The GGUF it was loaded from (adapters are checked against it).
+    pub(super) path: PathBuf,
+    /// LoRA adapters loaded onto the llama.cpp model, by pali's id.
+    pub(super) adapters: Vec<(AdapterId, LoraAdapter)>,
 }
 
 impl Decoder {
@@ -99,6 +104,8 @@ impl Decoder {
             hidden,
             sliding_window: opts.sliding_window,
             offloaded: opts.n_gpu_layers > 0,
+            path: path.to_path_buf(),
+            adapters: Vec::new(),
         })
     }
 

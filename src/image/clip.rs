@@ -134,16 +134,18 @@ pub fn frame_indices(n: usize, k: usize) -> Vec<usize> {
 }
 
 /// The frames shown at 0, 1/`fps`, 2/`fps`, … seconds, for frames starting at `starts`
-/// (seconds, ascending, the first 0) over a clip of `duration` seconds.
+/// (seconds, ascending, the first 0) over a clip of `duration` seconds. Starts and duration
+/// are sums of frame delays, so times are compared with a microsecond of slack (0.1 + 0.1 +
+/// 0.1 must not land after 0.3).
 pub fn frames_per_second(starts: &[f64], duration: f64, fps: f64) -> Vec<usize> {
     let mut out = Vec::new();
     let mut frame = 0;
     for j in 0.. {
         let t = j as f64 / fps;
-        if t >= duration || out.len() > 100_000 {
+        if t >= duration - 1e-6 || out.len() > 100_000 {
             break;
         }
-        while frame + 1 < starts.len() && starts[frame + 1] <= t {
+        while frame + 1 < starts.len() && starts[frame + 1] <= t + 1e-6 {
             frame += 1;
         }
         out.push(frame);

@@ -7,7 +7,7 @@ use super::parse;
 use super::prompt::Task;
 use super::result::{Answer, Located, LocatedObject, ObjectMask, TextAnswer};
 use crate::image::ImageSize;
-use crate::image::{Clip, RgbImage};
+use crate::image::{Clip, ClipPlan, RgbImage};
 use crate::mask::mask_box;
 use crate::model::{EncodedImage, Model};
 use crate::options::{FinishReason, GenerateOptions};
@@ -66,13 +66,18 @@ impl Model {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         self.check_images(images, task, opts)?;
-        self.run_encoded(self.encode_images(images)?, task, opts, on_text)
+        self.run_encoded(
+            self.encode_images_with(images, &opts.lora)?,
+            task,
+            opts,
+            on_text,
+        )
     }
 
     /// What [`Model::run`] refuses before encoding anything.
     fn check_images(&self, images: &[RgbImage], task: &Task, opts: &GenerateOptions) -> Result<()> {
         task.check()?;
-        opts.validate()?;
+        self.check_options(opts)?;
         if let (Task::Detect(_) | Task::Segment(_), [first, rest @ ..]) = (task, images) {
             if let Some(other) = rest.iter().find(|i| i.size() != first.size()) {
                 return Err(Error::Prompt(format!(
@@ -96,7 +101,7 @@ impl Model {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         self.check_images(&clip.frames, task, opts)?;
-        let encoded = self.encode_images(&clip.frames)?;
+        let encoded = self.encode_images_with(&clip.frames, &opts.lora)?;
         let Clip {
             frames,
             indices,
@@ -109,8 +114,27 @@ impl Model {
         Ok(answer)
     }
 
+    /// [`Model::run_clip`] on a clip whose frames are chosen but not decoded yet: a task,
+    /// options or K frames that cannot run (K × tokens per frame + the prompt over the
+    /// context) are refused before any frame is decoded; then the frames are decoded and
+    /// run. What a front end that receives a clip file calls.
+    pub fn run_clip_plan(
+        &self,
+        plan: ClipPlan,
+        task: &Task,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        task.check()?;
+        self.check_options(opts)?;
+        self.check_context(plan.indices.len(), &task.prompt(), opts)?;
+        let clip = plan.decode(crate::MAX_IMAGE_PIXELS)?;
+        self.run_clip(clip, task, opts, on_text)
+    }
+
     /// [`Model::run`] on an image already through the vision tower
-    /// ([`Model::encode_image`]); its features are freed once the prefix is built.
+    /// ([`Model::encode_image_with`] with the same adapters); its features are freed once the
+    /// prefix is built.
     pub fn run_encoded(
         &self,
         image: EncodedImage,
@@ -172,8 +196,8 @@ impl Model {
     /// [`Error::Prompt`]): the objects in the image's pixels.
     pub fn locate(&self, image: &RgbImage, task: &Task, opts: &GenerateOptions) -> Result<Located> {
         task.check()?;
-        opts.validate()?;
-        self.locate_encoded(self.encode_image(image)?, task, opts)
+        self.check_options(opts)?;
+        self.locate_encoded(self.encode_image_with(image, &opts.lora)?, task, opts)
     }
 
     fn locate_encoded(

@@ -1,8 +1,10 @@
 //! [`VisionEncoder`]: the SigLIP tower and the projector loaded from an mmproj GGUF onto a
 //! ggml backend, turning preprocessed pixels into image features.
 
+use super::adapter::VisionAdapter;
 use super::config::{AttentionKernel, VisionConfig, VisionPrecision};
 use super::graph;
+use crate::options::{AdapterId, AdapterScale};
 use crate::{Error, Result};
 use pali_ggml::gguf::GgufFile;
 use pali_ggml::graph::{Backend, Graph, Tensor, Weights};
@@ -25,6 +27,8 @@ pub struct VisionEncoder {
     backend: Backend,
     attention: AttentionKernel,
     precision: VisionPrecision,
+    /// LoRA adapters loaded next to the weights, by id.
+    adapters: Vec<(AdapterId, VisionAdapter)>,
 }
 
 impl VisionEncoder {
@@ -39,6 +43,7 @@ impl VisionEncoder {
             backend,
             attention: AttentionKernel::Auto,
             precision: VisionPrecision::Auto,
+            adapters: Vec::new(),
         };
         enc.cfg.check_tensors(enc.weights.file())?;
         Ok(enc)
@@ -85,6 +90,21 @@ impl VisionEncoder {
         self.backend.name()
     }
 
+    /// Checks adapter `id`'s vision part against this tower and loads it next to the
+    /// weights (on the same backend).
+    pub(crate) fn add_adapter(&mut self, id: AdapterId, path: &Path) -> Result<()> {
+        if !self.adapters.iter().any(|(i, _)| *i == id) {
+            let a = VisionAdapter::load(path, &self.cfg, self.weights.file(), &self.backend)?;
+            self.adapters.push((id, a));
+        }
+        Ok(())
+    }
+
+    /// Drops adapter `id`'s vision part, if loaded.
+    pub(crate) fn remove_adapter(&mut self, id: AdapterId) {
+        self.adapters.retain(|(i, _)| *i != id);
+    }
+
     /// Runs the tower (and projector) on preprocessed CHW pixels `[3][R][R]`.
     pub fn encode(&self, pixels: &[f32], output: VisionOutput) -> Result<Vec<f32>> {
         self.encode_batch(&[pixels], output)
@@ -95,6 +115,17 @@ impl VisionEncoder {
     /// features one after another, `[images][n_tokens][width or projection_dim]`, equal to
     /// encoding each alone.
     pub fn encode_batch(&self, images: &[&[f32]], output: VisionOutput) -> Result<Vec<f32>> {
+        self.encode_batch_with(images, output, &[])
+    }
+
+    /// [`VisionEncoder::encode_batch`] with LoRA adapters (loaded here) at their scales: each
+    /// adds its update to the layers it changes; scale 0 adds nothing.
+    pub(crate) fn encode_batch_with(
+        &self,
+        images: &[&[f32]],
+        output: VisionOutput,
+        lora: &[AdapterScale],
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let want = 3 * c.image_size * c.image_size;
         if images.is_empty() {
@@ -108,6 +139,24 @@ impl VisionEncoder {
                 p.len()
             )));
         }
+        let mut terms = Vec::new();
+        for s in lora.iter().filter(|s| s.scale != 0.0) {
+            let (_, a) = self
+                .adapters
+                .iter()
+                .find(|(id, _)| *id == s.id)
+                .ok_or_else(|| {
+                    Error::InvalidOption(format!(
+                        "LoRA adapter {} has no vision part loaded (freed?)",
+                        s.id
+                    ))
+                })?;
+            terms.push(graph::Lora {
+                weights: &a.weights,
+                alpha: a.alpha,
+                scale: s.scale,
+            });
+        }
         let mut patches = Vec::with_capacity(want * images.len());
         for pixels in images {
             patches.extend(graph::patchify(c, pixels));
@@ -115,11 +164,12 @@ impl VisionEncoder {
         let g = Graph::new(&self.weights);
         let fused =
             |t: Tensor<'_>| self.attention == AttentionKernel::Auto && g.supports(t, &self.backend);
+        let precision = self.precision();
         let frames = images.len() as i64;
-        let x = graph::tower(&g, c, patches, frames, self.precision(), &fused)?;
+        let x = graph::tower(&g, c, patches, frames, precision, &fused, &terms)?;
         let out = match output {
             VisionOutput::Tower => x,
-            VisionOutput::Projected => graph::project(&g, x)?,
+            VisionOutput::Projected => graph::project(&g, x, precision, &terms)?,
         };
         Ok(g.compute(out, &self.backend)?)
     }

@@ -13,12 +13,24 @@
 //!
 //! The graph ends with PaliGemma's projector (one linear layer with bias, no activation,
 //! to the decoder's hidden size), as llama.cpp's mtmd ends its vision graphs.
+//!
+//! LoRA adapters (`adapter.rs`) are not merged: each linear layer an adapter changes gets
+//! `scale · alpha / r · B (A x)` added beside `W x + b`, per token (the column dimension of
+//! the matmuls), so one loaded base serves every adapter.
 
 use super::config::{VisionConfig, VisionPrecision};
 use crate::Result;
-use pali_ggml::graph::{Graph, Tensor};
-use pali_ggml::schema::{vision as names, vision_block};
+use pali_ggml::graph::{Graph, Tensor, Weights};
+use pali_ggml::schema::{adapter as lora_names, vision as names, vision_block};
 use pali_ggml::GgmlType;
+
+/// One LoRA adapter in a graph: its tensors (on the graph's backend), its `alpha` and the
+/// request's scale.
+pub(super) struct Lora<'w> {
+    pub(super) weights: &'w Weights,
+    pub(super) alpha: f32,
+    pub(super) scale: f32,
+}
 
 /// Cuts CHW pixels into patch rows `[n_tokens][3·p·p]`, each flattened in the conv kernel's
 /// (channel, y, x) order, patches row-major (y outer) as HF's `flatten(2)`.
@@ -38,18 +50,60 @@ pub(super) fn patchify(cfg: &VisionConfig, pixels: &[f32]) -> Vec<f32> {
     out
 }
 
-fn linear<'g>(
-    g: &'g Graph,
+fn linear<'g, 'w>(
+    g: &'g Graph<'w>,
     x: Tensor<'g>,
-    w: &str,
-    b: &str,
+    (w, b): (&str, &str),
     precision: VisionPrecision,
+    lora: &[Lora<'w>],
 ) -> Result<Tensor<'g>> {
     let product = match precision {
         VisionPrecision::F16 => g.mul_mat_f32_acc(g.weight(w)?, x),
         _ => f32_product(g, g.weight(w)?, x),
     };
-    Ok(g.add(product, g.weight(b)?))
+    let y = g.add(product, g.weight(b)?);
+    with_lora(g, x, y, w, precision, lora)
+}
+
+/// `y` plus each adapter's update of the layer whose weight is `w`, for input `x`.
+fn with_lora<'g, 'w>(
+    g: &'g Graph<'w>,
+    x: Tensor<'g>,
+    mut y: Tensor<'g>,
+    w: &str,
+    precision: VisionPrecision,
+    lora: &[Lora<'w>],
+) -> Result<Tensor<'g>> {
+    for l in lora {
+        let a = g.weight_from(l.weights, &format!("{w}{}", lora_names::SUFFIX_A))?;
+        let b = g.weight_from(l.weights, &format!("{w}{}", lora_names::SUFFIX_B))?;
+        let (Some(a), Some(b)) = (a, b) else {
+            continue;
+        };
+        let [n_in, r, ..] = a.ne();
+        // A Q8_0 tower stores its MLP zero-padded to whole blocks (config.rs): fc2 reads
+        // only the real rows, fc1's update gets zero rows for the padding.
+        let x = if n_in < x.ne()[0] {
+            g.cont(g.crop_2d(x, 0, 0, n_in, x.ne()[1]))
+        } else {
+            x
+        };
+        let product = |w, x| match precision {
+            VisionPrecision::F16 => g.mul_mat_f32_acc(w, x),
+            _ => f32_product(g, w, x),
+        };
+        let per_rank = if l.alpha != 0.0 {
+            l.alpha / r as f32
+        } else {
+            1.0
+        };
+        let mut update = g.scale(product(b, product(a, x)), l.scale * per_rank);
+        if update.ne()[0] < y.ne()[0] {
+            update = g.pad_rows(update, y.ne()[0]);
+        }
+        y = g.add(y, update);
+    }
+    Ok(y)
 }
 
 /// `w·x` with F32 activations: on the BLAS library's SGEMM where the build has one (the
@@ -126,17 +180,19 @@ fn attention<'g>(
 
 /// The tower on `frames` images at once (ONE graph: a batch): `patches` holds each frame's
 /// patch rows in turn. The tokens of every frame are the columns of one `[width, tokens ·
-/// frames]` activation for the linear layers, norms and GELU (per token, so batching changes
-/// no value), and are split by frame only for the positions and the attention.
-pub(super) fn tower<'g>(
-    g: &'g Graph,
+/// frames]` activation for the linear layers (LoRA terms included), norms and GELU (per
+/// token, so batching changes no value), and are split by frame only for the positions and
+/// the attention.
+pub(super) fn tower<'g, 'w>(
+    g: &'g Graph<'w>,
     c: &VisionConfig,
     patches: Vec<f32>,
     frames: i64,
     precision: VisionPrecision,
     fused: &dyn Fn(Tensor<'g>) -> bool,
+    lora: &[Lora<'w>],
 ) -> Result<Tensor<'g>> {
-    let linear = |x, w: &str, b: &str| linear(g, x, w, b, precision);
+    let linear = |x, w: &str, b: &str| linear(g, x, (w, b), precision, lora);
     let (d, n, p) = (c.width as i64, c.n_tokens() as i64, c.patch_size as i64);
     let (heads, hd) = (c.heads as i64, (c.width / c.heads) as i64);
     let input = g.input(&[3 * p * p, n * frames], patches);
@@ -168,8 +224,14 @@ pub(super) fn tower<'g>(
 /// `W·x + b` for every vision token: `[width, n] → [hidden, n]`. On OpenBLAS where the build
 /// has it (F32 activations: an F16 projector's error against HF drops from ~2e-4 to the F32
 /// file's ~1e-5), else ggml's matmul as it is.
-pub(super) fn project<'g>(g: &'g Graph, x: Tensor<'g>) -> Result<Tensor<'g>> {
+pub(super) fn project<'g, 'w>(
+    g: &'g Graph<'w>,
+    x: Tensor<'g>,
+    precision: VisionPrecision,
+    lora: &[Lora<'w>],
+) -> Result<Tensor<'g>> {
     let w = g.weight(names::PROJ_W)?;
     let product = g.mul_mat_blas(w, x).unwrap_or_else(|| g.mul_mat(w, x));
-    Ok(g.add(product, g.weight(names::PROJ_B)?))
+    let y = g.add(product, g.weight(names::PROJ_B)?);
+    with_lora(g, x, y, names::PROJ_W, precision, lora)
 }

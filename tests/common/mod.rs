@@ -458,3 +458,51 @@ pub fn pali_json(args: &[&str]) -> serde_json::Value {
     assert_success(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// [`run_cases`] for any recorded set: `cases` of reference `r` (a base fixture's or a LoRA
+/// adapter's), first-step logits under `{logits_prefix}logits.<img>.<k>`, on `m` with `base`.
+pub fn run_reference_cases(
+    m: &pali::Model,
+    r: &Reference,
+    cases: &[serde_json::Value],
+    logits_prefix: &str,
+    base: pali::GenerateOptions,
+) -> Vec<CaseResult> {
+    let prompts = r.prompts();
+    cases
+        .iter()
+        .map(|case| {
+            let img = case["image"].as_str().unwrap();
+            let k = case["prompt_index"].as_u64().unwrap() as usize;
+            let want: Vec<u32> = ids(&case["greedy"])
+                .into_iter()
+                .filter(|&t| t != 1)
+                .collect();
+            let image = pali::image::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
+            let opts = pali::GenerateOptions {
+                n_predict: want.len().max(1),
+                ..base.clone()
+            };
+            let g = m.generate(&image, &prompts[k], &opts, &mut |_| {}).unwrap();
+            let hf = r.tensor(&format!("{logits_prefix}logits.{img}.{k}"));
+            let agreed = g
+                .tokens
+                .iter()
+                .zip(&want)
+                .take_while(|(a, b)| a == b)
+                .count();
+            CaseResult {
+                image: img.to_string(),
+                prompt: prompts[k].clone(),
+                logit_diff: max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]),
+                first_token_equal: g.tokens.first() == want.first(),
+                agreed,
+                total: want.len(),
+                margin_at_divergence: floats(&case["margins"])
+                    .get(agreed)
+                    .copied()
+                    .unwrap_or(f32::INFINITY),
+            }
+        })
+        .collect()
+}

@@ -87,6 +87,45 @@ pub(crate) struct ModelArgs {
     /// Print one JSON object per image instead of streaming text.
     #[arg(long)]
     pub(crate) json: bool,
+    /// LoRA adapter (`pali convert-lora`'s output: either file of its pair) applied at
+    /// scale 1, as llama.cpp's --lora; repeatable. Adapters get ids 0, 1, … in command-line
+    /// order (with --lora-scaled).
+    #[arg(long = "lora", value_name = "FILE")]
+    pub(crate) lora: Vec<PathBuf>,
+    /// LoRA adapter applied at SCALE (llama.cpp's --lora-scaled; 0 = loaded, not applied);
+    /// repeatable.
+    #[arg(long = "lora-scaled", num_args = 2, value_names = ["FILE", "SCALE"], allow_negative_numbers = true)]
+    pub(crate) lora_scaled: Vec<String>,
+    /// The adapters of --lora and --lora-scaled in command-line order, with their scales
+    /// ([`order_adapters`]).
+    #[arg(skip)]
+    pub(crate) adapters: Vec<(PathBuf, f64)>,
+}
+
+/// Fills [`ModelArgs::adapters`] from --lora and --lora-scaled in the order they were given
+/// (ids follow it, as in llama.cpp); a SCALE that is not a number is a usage error.
+pub(crate) fn order_adapters(args: &mut ModelArgs, m: &clap::ArgMatches) -> Result<(), String> {
+    let mut found: Vec<(usize, PathBuf, f64)> = Vec::new();
+    if let Some(idx) = m.indices_of("lora") {
+        for (i, p) in idx.zip(&args.lora) {
+            found.push((i, p.clone(), 1.0));
+        }
+    }
+    if let Some(idx) = m.indices_of("lora_scaled") {
+        let idx: Vec<usize> = idx.collect();
+        for (pair, i) in args.lora_scaled.chunks(2).zip(idx.chunks(2)) {
+            let scale = pair[1].trim().parse::<f64>().map_err(|_| {
+                format!(
+                    "--lora-scaled {} {}: SCALE is not a number",
+                    pair[0], pair[1]
+                )
+            })?;
+            found.push((i[0], PathBuf::from(&pair[0]), scale));
+        }
+    }
+    found.sort_by_key(|(i, _, _)| *i);
+    args.adapters = found.into_iter().map(|(_, p, s)| (p, s)).collect();
+    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -182,6 +221,9 @@ pub(crate) fn load_model(args: &ModelArgs, paths: &ModelPaths) -> Result<Model, 
         paths.decoder.display(),
         paths.mmproj.display()
     );
+    for (path, _) in &args.adapters {
+        model.load_adapter(path).map_err(|e| e.to_string())?;
+    }
     Ok(model)
 }
 
@@ -203,6 +245,14 @@ pub(crate) fn gen_options(args: &ModelArgs) -> Result<GenerateOptions, String> {
         top_k: Some(args.top_k),
         top_p: Some(args.top_p),
         seed: Some(args.seed),
+        // Ids 0, 1, … in order: load_model loads them in this order on a fresh model.
+        lora: Some(
+            args.adapters
+                .iter()
+                .enumerate()
+                .map(|(id, (_, scale))| (id as i64, *scale))
+                .collect(),
+        ),
         ..Default::default()
     };
     base.apply(&values).map_err(|e| e.to_string())

@@ -15,7 +15,7 @@ mod serve;
 mod tools;
 
 use args::{ClipArgs, ModelArgs};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pali::Task;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +59,29 @@ enum Command {
         /// Threads for quantization (default: all cores).
         #[arg(short, long, default_value_t = 0)]
         threads: i32,
+    },
+    /// Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into
+    /// llama.cpp adapter GGUFs: the decoder's part, and an mmproj-… file beside it when the
+    /// adapter also changes the vision tower or the projector. Use them with --lora FILE.
+    ConvertLora {
+        /// The adapter folder PEFT's save_pretrained wrote.
+        adapter_dir: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Type of the LoRA matrices: f16, f32, q8_0 (matrices whose rows are not whole
+        /// 32-blocks stay f16).
+        #[arg(long = "type", default_value = "f16")]
+        ty: String,
+        /// Overwrite existing output files.
+        #[arg(long)]
+        force: bool,
+        /// Name used in file names and general.name (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Convert big_vision's segmentation VQ-VAE (vae-oid.npz) into a mask decoder GGUF for
     /// `segment --vae`.
@@ -245,6 +268,23 @@ impl Command {
             _ => None,
         }
     }
+
+    /// The same, to fill in.
+    fn model_args_mut(&mut self) -> Option<&mut ModelArgs> {
+        match self {
+            Command::Caption { model, .. }
+            | Command::Ask { model, .. }
+            | Command::Ocr { model, .. }
+            | Command::Detect { model, .. }
+            | Command::Segment { model, .. }
+            | Command::Run { model, .. }
+            | Command::Bench { model, .. }
+            | Command::Eval { model, .. } => Some(model),
+            #[cfg(feature = "serve")]
+            Command::Serve { model, .. } => Some(model),
+            _ => None,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -256,9 +296,17 @@ fn main() -> ExitCode {
     )
     .format_timestamp(None)
     .init();
-    let cli = Cli::parse_from(std::env::args_os().map(args::llama_cpp_flag));
-    // A bad sampling or length option is a usage error (status 2, as clap's own), refused
-    // before anything loads, with the library's message.
+    let matches = Cli::command().get_matches_from(std::env::args_os().map(args::llama_cpp_flag));
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // A bad sampling, length or adapter option is a usage error (status 2, as clap's own),
+    // refused before anything loads, with the library's message.
+    let sub = matches.subcommand().map(|(_, m)| m);
+    if let (Some(model), Some(m)) = (cli.cmd.model_args_mut(), sub) {
+        if let Err(e) = args::order_adapters(model, m) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if let Some(Err(e)) = cli.cmd.model_args().map(args::gen_options) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -286,6 +334,19 @@ fn main() -> ExitCode {
         .map(|o| {
             println!("{}", o.decoder.display());
             println!("{}", o.mmproj.display());
+            true
+        }),
+        Command::ConvertLora {
+            adapter_dir,
+            out,
+            ty,
+            force,
+            name,
+            quiet,
+        } => tools::run_convert_lora(adapter_dir, out, &ty, force, name, quiet).map(|o| {
+            for p in o.decoder.iter().chain(&o.mmproj) {
+                println!("{}", p.display());
+            }
             true
         }),
         Command::ConvertVae { npz, out, force } => {

@@ -229,7 +229,7 @@ pub(crate) fn generate_each(
                     Input::Image(p) => Some(
                         load_image(p, pali::MAX_IMAGE_PIXELS)
                             .map_err(pali::Error::from)
-                            .and_then(|img| model.encode_image(&img)),
+                            .and_then(|img| model.encode_image_with(&img, &opts.lora)),
                     ),
                     _ => None,
                 })

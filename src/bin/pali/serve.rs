@@ -7,8 +7,8 @@ use pali::image::decode_image;
 use pali::image::{Clip, ClipPlan, FrameSelection};
 use pali::{Answer, FinishReason, GenerateOptions, Model, Task, Timings};
 use pali_server::{
-    Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest, LocateResponse,
-    Media, RequestOptions, Stages, Usage,
+    Adapter, Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest,
+    LocateResponse, Media, RequestOptions, Stages, Usage,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +27,9 @@ pub struct PaliEngine {
     pub max_frames: usize,
     /// `--max-pixels`: most decoded pixels per request (all its images or frames).
     pub max_pixels: u64,
+    /// The initial global scale of each adapter (`--lora` 1, `--lora-scaled`, 0 with
+    /// `--lora-init-without-apply`), in id order.
+    pub adapter_scales: Vec<f32>,
 }
 
 fn engine_error(e: pali::Error) -> EngineError {
@@ -70,10 +73,12 @@ impl PaliEngine {
             seed: s.seed,
             stop: s.stop.clone(),
             ignore_eos: Some(s.ignore_eos),
+            lora: s.lora.clone(),
             ..Default::default()
         };
         let mut o = self.defaults.apply(&values).map_err(engine_error)?;
         o.max_ctx = self.ctx;
+        self.model.check_options(&o).map_err(engine_error)?;
         Ok(o)
     }
 }
@@ -160,6 +165,19 @@ enum Loaded {
 impl pali_server::Engine for PaliEngine {
     fn model_id(&self) -> String {
         self.id.clone()
+    }
+
+    fn adapters(&self) -> Vec<Adapter> {
+        self.model
+            .adapters()
+            .iter()
+            .zip(&self.adapter_scales)
+            .map(|(a, &scale)| Adapter {
+                id: a.id.0,
+                path: a.path.display().to_string(),
+                scale,
+            })
+            .collect()
     }
 
     fn check_options(&self, options: &RequestOptions) -> Result<(), EngineError> {
@@ -266,6 +284,10 @@ pub struct ServeArgs {
     /// Mask decoder GGUF for /v1/segment masks (the bundled demo model has its own).
     #[arg(long, value_name = "VAE.gguf")]
     pub vae: Option<PathBuf>,
+    /// Load the --lora adapters with global scale 0 (llama-server's flag): requests choose
+    /// them with "lora", or POST /lora-adapters sets the scales.
+    #[arg(long)]
+    lora_init_without_apply: bool,
 }
 
 impl ServeArgs {
@@ -345,6 +367,17 @@ pub(crate) fn run_serve(flags: ServeArgs, mut args: ModelArgs) -> Result<(), Str
         args.threads = Some(t);
     }
     let (max_frames, max_pixels) = (flags.max_frames, flags.max_pixels);
+    let scales: Vec<f32> = args
+        .adapters
+        .iter()
+        .map(|(_, s)| {
+            if flags.lora_init_without_apply {
+                0.0
+            } else {
+                *s as f32
+            }
+        })
+        .collect();
     let load = move || {
         let model = load_model(&args, &paths)?;
         let id = paths
@@ -364,6 +397,7 @@ pub(crate) fn run_serve(flags: ServeArgs, mut args: ModelArgs) -> Result<(), Str
             ctx,
             max_frames,
             max_pixels,
+            adapter_scales: scales,
         })
     };
     run(flags, load)

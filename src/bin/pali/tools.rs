@@ -1,6 +1,6 @@
-//! The commands that are not tasks: convert, convert-vae, info, rpc-server.
+//! The commands that are not tasks: convert, convert-lora, convert-vae, info, rpc-server.
 
-use pali_convert::{ConvertOptions, ConvertOutput};
+use pali_convert::{ConvertOptions, ConvertOutput, LoraConvertOptions, LoraConvertOutput};
 use pali_ggml::gguf::GgufFile;
 use pali_ggml::quant::FileType;
 use std::path::{Path, PathBuf};
@@ -43,26 +43,8 @@ pub(crate) fn run_convert(
     let decoder_types: Vec<FileType> = FileType::all().filter(|t| *t != BF16).collect();
     let text_type = parse_type(text_type, "--type", &decoder_types)?;
     let vision_type = parse_type(vision_type, "--vision-type", &[F16, F32, Q8_0])?;
-    ctrlc::set_handler(|| {
-        pali_convert::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-        pali_convert::remove_partial_files();
-        eprintln!("\ninterrupted: no output written");
-        std::process::exit(130);
-    })
-    .map_err(|e| e.to_string())?;
-    let show = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let bar = indicatif::ProgressBar::new(0);
-    if show {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-    } else {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    stop_on_ctrl_c()?;
+    let bar = progress_bar(quiet);
     let opts = ConvertOptions {
         input: hf_dir,
         out_dir: out,
@@ -78,6 +60,65 @@ pub(crate) fn run_convert(
         bar.set_message(phase.to_string());
     };
     let res = pali_convert::convert(&opts, &mut progress).map_err(|e| e.to_string());
+    bar.finish_and_clear();
+    res
+}
+
+/// Ctrl-C stops a conversion between tensors, leaving no output.
+fn stop_on_ctrl_c() -> Result<(), String> {
+    ctrlc::set_handler(|| {
+        pali_convert::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        pali_convert::remove_partial_files();
+        eprintln!("\ninterrupted: no output written");
+        std::process::exit(130);
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// A conversion's progress bar on stderr (hidden when quiet or not a terminal).
+fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    let show = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = indicatif::ProgressBar::new(0);
+    if show {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// `pali convert-lora`: a PEFT adapter folder → the adapter GGUF(s).
+pub(crate) fn run_convert_lora(
+    adapter_dir: PathBuf,
+    out: PathBuf,
+    ty: &str,
+    force: bool,
+    name: Option<String>,
+    quiet: bool,
+) -> Result<LoraConvertOutput, String> {
+    use FileType::*;
+    let ty = parse_type(ty, "--type", &[F16, F32, Q8_0])?;
+    stop_on_ctrl_c()?;
+    let bar = progress_bar(quiet);
+    let opts = LoraConvertOptions {
+        input: adapter_dir,
+        out_dir: out,
+        ty,
+        force,
+        name,
+    };
+    let mut progress = |done: u64, total: u64, phase: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(phase.to_string());
+    };
+    let res = pali_convert::convert_lora(&opts, &mut progress).map_err(|e| e.to_string());
     bar.finish_and_clear();
     res
 }
