@@ -20,7 +20,8 @@ from __future__ import annotations
 import atexit as _atexit
 import logging as _logging
 import os as _os
-from typing import Optional, Sequence, Union
+import json as _json
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._answers import (
@@ -75,6 +76,10 @@ PathLike = Union[str, "_os.PathLike[str]"]
 #: What every task takes as ``image``: a path, encoded bytes, a numpy uint8 array (H, W, 3),
 #: a PIL image or a ``pali.Image``.
 ImageLike = Union[PathLike, bytes, "numpy.ndarray", "PIL.Image.Image", Image]
+#: ``image`` of a task: one image, or a list of them (one prompt about all, in order).
+Images = Union[ImageLike, Sequence[ImageLike]]
+#: ``lora=``: adapter ids, ``(id, scale)`` pairs or a dict ``{id: scale}``; ``[]``: none.
+LoraSelection = Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], None]
 
 
 class Stream:
@@ -124,29 +129,42 @@ class Model:
     """A loaded PaliGemma 2 model: vision tower, decoder and optionally a mask decoder.
 
     ``Model(model, mmproj=None, vae=None, threads=None, n_gpu_layers=None, ctx_size=None,
-    low_mem="auto")`` loads the decoder GGUF ``model`` and the vision GGUF ``mmproj``
-    (default: the one ``mmproj-*.gguf`` next to ``model``); ``vae`` is a mask decoder made
-    by ``pali convert-vae`` (segment masks). ``threads``: default the physical cores;
-    ``n_gpu_layers``: decoder layers on a GPU (GPU builds; default 0); ``ctx_size``: the
-    largest context (default: what each request needs); ``low_mem``: ``"auto"``, True or
-    False (never hold the vision tower and the decoder in memory at once). ``Model.demo()``
-    loads the bundled demo model. Loading releases the GIL.
+    low_mem="auto", lora=None)`` loads the decoder GGUF ``model`` and the vision GGUF
+    ``mmproj`` (default: the one ``mmproj-*.gguf`` next to ``model``); ``vae`` is a mask
+    decoder made by ``pali convert-vae`` (segment masks). ``threads``: default the physical
+    cores; ``n_gpu_layers``: decoder layers on a GPU (GPU builds; default 0); ``ctx_size``:
+    the largest context (default: what each request needs); ``low_mem``: ``"auto"``, True
+    or False (never hold the vision tower and the decoder in memory at once); ``lora``:
+    LoRA adapters made by ``pali convert-lora`` (either file of a pair), each a path or a
+    ``(path, scale)`` pair, loaded with ids 0, 1, ... and used by every call unless it says
+    otherwise (``pali --lora FILE`` / ``--lora-scaled FILE SCALE``). ``Model.demo()`` loads
+    the bundled demo model. Loading releases the GIL.
 
     Every task takes ``image``: a path (str or ``os.PathLike``), encoded bytes (JPEG, PNG,
     WebP, BMP, GIF), a numpy uint8 array (H, W, 3) in RGB order (strided views too; copied
     once, H x W x 3 bytes), a PIL image or a ``pali.Image`` (decoded once, reused without a
-    copy); ``bgr=True`` reads an array as OpenCV's B, G, R. And these options, checked by
-    the library as the CLI and the server check them (``OptionError`` names a bad one):
-    ``max_tokens`` (default 64), ``temperature`` (0 = greedy, up to 2), ``top_k`` (0 = off),
-    ``top_p`` (1 = off), ``seed``, ``stop`` (a string or up to 4), ``ctx_size``,
-    ``ignore_eos``.
+    copy); ``bgr=True`` reads an array as OpenCV's B, G, R.
+
+    Several images, or a clip: a list (or tuple) of images is ONE prompt about all of them,
+    in order (HF's processor for a list of images; ``pali run --image A --image B``);
+    detect and segment need them of one size, and boxes are in their pixels. With
+    ``frames=K`` (K frames spread over the clip: frame i is ``floor(i * n / K)`` of its n)
+    or ``fps=F`` (F frames per second of the clip's time), ``image`` is a clip: a video
+    file (needs the ``ffmpeg`` command) or an animated GIF / APNG / WebP, as a path or its
+    bytes; a clip with fewer than K frames repeats them in order (``warnings`` says so).
+    The answer's ``n_images`` and ``frames`` say what was used.
+
+    And these options, checked by the library as the CLI and the server check them
+    (``OptionError`` names a bad one): ``max_tokens`` (default 64), ``temperature`` (0 =
+    greedy, up to 2), ``top_k`` (0 = off), ``top_p`` (1 = off), ``seed``, ``stop`` (a
+    string or up to 4), ``ctx_size``, ``ignore_eos``, ``lora`` (this call's LoRA adapters:
+    ids, ``(id, scale)`` pairs or ``{id: scale}``; ``[]`` = the base model; default: the
+    model's ``lora``).
 
     A model is safe to share between threads: calls run at the same time, each on its own
-    generation (the vision tower encodes one image at a time), with the GIL released.
+    generation (the vision tower encodes one batch of images at a time), with the GIL
+    released; calls with different adapters share the one loaded base.
     Ctrl-C during a call cancels its generation and raises ``KeyboardInterrupt``.
-
-    Not yet: several images or a clip as ``image`` (a list, ``frames=``, ``fps=``) and LoRA
-    adapters (``lora=``); they will be keyword arguments of these same calls.
     """
 
     __slots__ = ("_native",)
@@ -160,6 +178,7 @@ class Model:
         n_gpu_layers: Optional[int] = None,
         ctx_size: Optional[int] = None,
         low_mem: Union[str, bool, None] = "auto",
+        lora: Optional[Sequence[Union[PathLike, Tuple[PathLike, float]]]] = None,
     ):
         self._native = _native.Model(
             model,
@@ -169,6 +188,7 @@ class Model:
             n_gpu_layers=n_gpu_layers,
             ctx_size=ctx_size,
             low_mem=low_mem,
+            lora=lora,
         )
 
     @classmethod
@@ -189,7 +209,7 @@ class Model:
 
     def caption(
         self,
-        image: ImageLike,
+        image: Images,
         lang: str = "en",
         *,
         long: bool = False,
@@ -202,6 +222,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> TextAnswer:
         """Captions the image (``caption <lang>``; ``long=True``: ``describe <lang>``)."""
         return _answer(
@@ -209,12 +232,13 @@ class Model:
                 image, "caption", None, lang=lang, long=long, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
 
     def ask(
         self,
-        image: ImageLike,
+        image: Images,
         question: str,
         lang: str = "en",
         *,
@@ -227,6 +251,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> TextAnswer:
         """Answers a question about the image (``answer <lang> <question>``)."""
         return _answer(
@@ -234,12 +261,13 @@ class Model:
                 image, "ask", question, lang=lang, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
 
     def ocr(
         self,
-        image: ImageLike,
+        image: Images,
         *,
         bgr: bool = False,
         max_tokens: Optional[int] = None,
@@ -250,6 +278,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> TextAnswer:
         """Reads the text in the image (``ocr``)."""
         return _answer(
@@ -257,12 +288,13 @@ class Model:
                 image, "ocr", None, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
 
     def run(
         self,
-        image: ImageLike,
+        image: Images,
         prompt: str,
         *,
         bgr: bool = False,
@@ -274,6 +306,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> TextAnswer:
         """Runs any PaliGemma prompt (``"caption en"``, ``"detect cat ; dog"``, ...) and
         returns its text, as ``pali run -p PROMPT --json`` (a detect prompt's raw
@@ -283,12 +318,13 @@ class Model:
                 image, "prompt", prompt, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
 
     def detect(
         self,
-        image: ImageLike,
+        image: Images,
         objects: Union[str, Sequence[str]],
         *,
         bgr: bool = False,
@@ -300,6 +336,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> Located:
         """Finds objects (``detect a ; b``): ``objects`` is a list of names or one string
         ``"cat ; dog"``. Boxes are in the image's pixels, scored by the model's
@@ -309,12 +348,13 @@ class Model:
                 image, "detect", objects, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
 
     def segment(
         self,
-        image: ImageLike,
+        image: Images,
         objects: Union[str, Sequence[str]],
         *,
         bgr: bool = False,
@@ -326,6 +366,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> Located:
         """Segments objects (``segment a ; b``): boxes, the 16 mask codes and, with a mask
         decoder (``vae=``, or the demo model's), each object's ``mask`` as a numpy bool
@@ -335,12 +378,13 @@ class Model:
                 image, "segment", objects, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
 
     def stream(
         self,
-        image: ImageLike,
+        image: Images,
         prompt: str,
         *,
         bgr: bool = False,
@@ -352,6 +396,9 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: LoraSelection = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> Stream:
         """Runs a prompt and yields its text as it is generated::
 
@@ -365,8 +412,39 @@ class Model:
                 image, "prompt", prompt, bgr=bgr,
                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, stop=stop, ctx_size=ctx_size, ignore_eos=ignore_eos,
+                lora=lora, frames=frames, fps=fps,
             )
         )
+
+    def load_adapter(self, path: PathLike) -> int:
+        """Loads a LoRA adapter made by ``pali convert-lora`` (either file of its pair: the
+        decoder part and the ``mmproj-...`` vision part beside it are both loaded), checked
+        against this model, and returns its id. Calls use it when they name it
+        (``lora=[id]``, ``lora={id: 0.5}``) or once it is in ``model.lora``. Nothing is
+        merged into the weights. Waits for running calls; releases the GIL."""
+        return self._native.load_adapter(path)
+
+    def free_adapter(self, id: int) -> None:
+        """Unloads adapter ``id`` (and takes it out of ``model.lora``); ids are not reused."""
+        self._native.free_adapter(id)
+
+    @property
+    def adapters(self) -> List[Dict[str, Any]]:
+        """The loaded adapters, in id order: ``id``, ``path``, ``name``, ``decoder`` and
+        ``mmproj`` (its two parts' files, None where it has none), ``pairs`` (LoRA pairs in
+        each part), ``bytes``."""
+        return _json.loads(self._native.adapters_json())
+
+    @property
+    def lora(self) -> List[Tuple[int, float]]:
+        """The adapters every call uses unless it passes ``lora=``: ``[(id, scale)]``.
+        Set it as a call's ``lora=`` (``model.lora = [(0, 0.5)]``; ``[]`` or None: the base
+        model), as ``pali serve``'s ``POST /lora-adapters`` sets the global scales."""
+        return self._native.default_lora()
+
+    @lora.setter
+    def lora(self, value: LoraSelection) -> None:
+        self._native.set_default_lora(value)
 
     @property
     def paths(self) -> tuple:

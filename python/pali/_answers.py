@@ -82,6 +82,23 @@ class _Answer:
         return Timings._from_json(self._json["timings"])
 
     @property
+    def n_images(self) -> int:
+        """Images in the prompt (a list of images, or a clip's frames)."""
+        return self._json.get("n_images", 1)
+
+    @property
+    def frames(self) -> Optional[List[int]]:
+        """A clip's frame indices, in the prompt's order (None for images)."""
+        frames = self._json.get("frames")
+        return None if frames is None else list(frames)
+
+    @property
+    def warnings(self) -> List[str]:
+        """What to know about the answer, one line each (a clip shorter than the frames
+        asked for; for detect / segment also skipped objects, a cut answer, ...)."""
+        return list(self._json.get("warnings", []))
+
+    @property
     def peak_rss_mb(self) -> Optional[float]:
         """This process's peak resident memory in MiB when the answer was made."""
         return self._json.get("peak_rss_mb")
@@ -179,11 +196,6 @@ class Located(_Answer):
     def image(self) -> ImageSize:
         """The image's size (the boxes' frame)."""
         return ImageSize(self._json["image"]["width"], self._json["image"]["height"])
-
-    @property
-    def warnings(self) -> List[str]:
-        """Skipped objects, ignored text, masks not decoded, a cut answer: one line each."""
-        return list(self._json["warnings"])
 
     def __iter__(self):
         return iter(self.objects)

@@ -3,7 +3,7 @@ wraps this one and turns the JSON answers into ``TextAnswer`` / ``Located``."""
 
 import os
 import pathlib
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy
 
@@ -60,6 +60,7 @@ class Model:
         n_gpu_layers: Optional[int] = None,
         ctx_size: Optional[int] = None,
         low_mem: Union[str, bool, None] = None,
+        lora: Optional[Sequence[Union[_Path, Tuple[_Path, float]]]] = None,
     ) -> None: ...
     @staticmethod
     def demo(
@@ -86,9 +87,13 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], None] = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> _Answer:
         """``task``: caption, ask (arg: the question), ocr, detect / segment (arg: the
-        object names), prompt (arg: any prompt)."""
+        object names), prompt (arg: any prompt). ``image``: one image or a list (one
+        prompt); with ``frames`` / ``fps`` a clip file (path or bytes)."""
     def stream(
         self,
         image: Any,
@@ -106,7 +111,17 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ctx_size: Optional[int] = None,
         ignore_eos: Optional[bool] = None,
+        lora: Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], None] = None,
+        frames: Optional[int] = None,
+        fps: Optional[float] = None,
     ) -> Stream: ...
+    def load_adapter(self, path: _Path) -> int: ...
+    def free_adapter(self, id: int) -> None: ...
+    def adapters_json(self) -> str: ...
+    def default_lora(self) -> List[Tuple[int, float]]: ...
+    def set_default_lora(
+        self, value: Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], None]
+    ) -> None: ...
     @property
     def paths(self) -> Tuple[pathlib.Path, pathlib.Path, Optional[pathlib.Path]]: ...
     @property

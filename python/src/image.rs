@@ -70,7 +70,9 @@ impl Source {
         }
         if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
             return refuse(
-                "several images (a list or tuple) are not supported yet: pass one image".into(),
+                "a list (or tuple) where one image was expected: a task's list of images is one \
+                 prompt, and its items are images, not lists"
+                    .into(),
             );
         }
         refuse(format!(

@@ -4,7 +4,7 @@
 //! text as it is generated. Dropping or closing a [`Stream`] cancels its generation.
 
 use crate::errors;
-use crate::image::Source;
+use crate::input::Input;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
 use pali::{Answer, CancelFlag, GenerateOptions, Task};
@@ -64,12 +64,13 @@ impl Drop for Running {
 }
 
 /// The answer (or the error, or a panic's payload) and the milliseconds the thread spent
-/// on it (decoding the image, then `Model::run`), for measuring what Python adds.
+/// on it (decoding the input, then `Model::run`), for measuring what Python adds.
 type Outcome = (std::thread::Result<pali::Result<Answer>>, f64);
 
 enum Event {
     Piece(String),
-    Done(Outcome),
+    /// Boxed: an answer is large, the pieces before it are many.
+    Done(Box<Outcome>),
 }
 
 /// A running generation.
@@ -84,12 +85,12 @@ pub(crate) struct Job {
 pub(crate) type PyAnswer = (String, Vec<Option<Py<PyArray2<bool>>>>, f64);
 
 impl Job {
-    /// Starts `task` on a new thread: the image is decoded there, then `Model::run`.
+    /// Starts `task` on a new thread: the input is decoded there and run ([`Input::run`]).
     /// With `stream`, every piece of text is sent as it is generated.
     pub(crate) fn start(
         py: Python<'_>,
         model: Arc<pali::Model>,
-        image: Source,
+        input: Input,
         task: Task,
         opts: GenerateOptions,
         stream: bool,
@@ -106,17 +107,14 @@ impl Job {
             let pieces = tx.clone();
             let t0 = std::time::Instant::now();
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let image = image.decode()?;
-                // Several images (issue 26): `Source::decode` is the one conversion;
-                // pass its images here.
-                model.run(std::slice::from_ref(&*image), &task, &opts, &mut |piece| {
+                input.run(&model, &task, &opts, &mut |piece| {
                     if stream {
                         let _ = pieces.send(Event::Piece(piece.to_owned()));
                     }
                 })
             }));
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            let _ = tx.send(Event::Done((outcome, ms)));
+            let _ = tx.send(Event::Done(Box::new((outcome, ms))));
         };
         std::thread::Builder::new()
             .name("pali-generate".into())
@@ -172,7 +170,7 @@ pub(crate) fn wait(py: Python<'_>, job: Job) -> PyResult<PyAnswer> {
     loop {
         match job.next_event(py)? {
             Some(Event::Piece(_)) => {}
-            Some(Event::Done(outcome)) => return finish(py, outcome),
+            Some(Event::Done(outcome)) => return finish(py, *outcome),
             None => return Err(vanished(py)),
         }
     }
@@ -246,7 +244,7 @@ impl Stream {
             Ok(Some(Event::Piece(p))) => Ok(Some(p)),
             Ok(Some(Event::Done(outcome))) => {
                 self.end(false);
-                let answer = finish(py, outcome)?;
+                let answer = finish(py, *outcome)?;
                 self.state().result = Some(answer);
                 Ok(None)
             }

@@ -12,6 +12,7 @@
 
 mod errors;
 mod image;
+mod input;
 mod job;
 mod logging;
 mod model;

@@ -1,24 +1,26 @@
-//! `pali._native.Model`: loading (GIL released), and every task as one call that builds the
-//! library's `Task` and `GenerateOptions` (validated by `GenerateOptions::apply`, the one
-//! set of rules every front end shares) and runs `Model::run` on a generation thread.
+//! `pali._native.Model`: loading (GIL released), LoRA adapters, and every task as one call
+//! that builds the library's `Task` and `GenerateOptions` (validated by
+//! `GenerateOptions::apply`, the one set of rules every front end shares) and runs it on a
+//! generation thread.
 
 use crate::errors::{self, Kind};
-use crate::image::Source;
+use crate::input::Input;
 use crate::job::{self, Job, PyAnswer, Stream};
 use pali::options::RequestValues;
-use pali::{GenerateOptions, LoadOptions, ModelPaths, Task};
+use pali::{AdapterId, AdapterScale, GenerateOptions, LoadOptions, ModelPaths, Task};
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyString};
+use pyo3::types::{PyBool, PyDict, PyString};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A loaded model (see `pali.Model`).
 #[pyclass(module = "pali._native", name = "Model", frozen)]
 pub(crate) struct Model {
     inner: Arc<pali::Model>,
-    /// The options every call starts from (the model's `ctx_size`).
-    base: GenerateOptions,
+    /// The options every call starts from: the model's `ctx_size`, and the adapters every
+    /// call uses unless it says otherwise (`lora=` when loading, `Model.lora = …`).
+    base: Mutex<GenerateOptions>,
     paths: ModelPaths,
 }
 
@@ -77,6 +79,68 @@ fn stop_list(v: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         .map_err(|_| PyTypeError::new_err("a string or a list of strings"))
 }
 
+/// `lora`: adapter ids, `(id, scale)` pairs, or a dict `{id: scale}` (an id alone: scale 1).
+fn lora_list(v: &Bound<'_, PyAny>) -> PyResult<Vec<(i64, f64)>> {
+    let wrong = || {
+        PyTypeError::new_err(
+            "a list of adapter ids or (id, scale) pairs, or a dict {id: scale} ([] = no adapter)",
+        )
+    };
+    if let Ok(d) = v.cast::<PyDict>() {
+        return d
+            .iter()
+            .map(|(id, scale)| Ok((id.extract()?, scale.extract()?)))
+            .collect::<PyResult<_>>()
+            .map_err(|_: PyErr| wrong());
+    }
+    if v.is_instance_of::<PyString>() {
+        return Err(wrong());
+    }
+    let items = v.try_iter().map_err(|_| wrong())?;
+    items
+        .map(|item| {
+            let item = item?;
+            match item.extract::<i64>() {
+                Ok(id) => Ok((id, 1.0)),
+                Err(_) => item.extract::<(i64, f64)>(),
+            }
+        })
+        .collect::<PyResult<_>>()
+        .map_err(|e| {
+            if e.is_instance_of::<PyOverflowError>(v.py()) {
+                e
+            } else {
+                wrong()
+            }
+        })
+}
+
+/// `Model(lora=…)`: adapter files, each a path or a `(path, scale)` pair.
+fn adapter_files(v: &Bound<'_, PyAny>) -> PyResult<Vec<(PathBuf, f32)>> {
+    let wrong = || PyTypeError::new_err("a list of adapter files, each a path or (path, scale)");
+    if v.is_instance_of::<PyString>() || v.hasattr("__fspath__")? {
+        return Err(wrong());
+    }
+    v.try_iter()
+        .map_err(|_| wrong())?
+        .map(|item| {
+            let item = item?;
+            let (path, scale) = match item.extract::<PathBuf>() {
+                Ok(path) => (path, 1.0),
+                Err(_) => item.extract::<(PathBuf, f32)>().map_err(|_| wrong())?,
+            };
+            if !scale.is_finite() {
+                let msg = format!(
+                    "lora: {}: scale {scale}: must be a finite number",
+                    path.display()
+                );
+                return Err(errors::error(v.py(), Kind::Option, msg));
+            }
+            Ok((path, scale))
+        })
+        .collect()
+}
+
 /// Object names: "cat ; dog" or a sequence of names.
 fn objects(v: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
     let Some(v) = v.filter(|v| !v.is_none()) else {
@@ -109,6 +173,10 @@ struct Request<'py> {
     stop: Option<Bound<'py, PyAny>>,
     ctx_size: Option<Bound<'py, PyAny>>,
     ignore_eos: Option<Bound<'py, PyAny>>,
+    lora: Option<Bound<'py, PyAny>>,
+    /// A clip's frame selection: K frames, or F per second.
+    frames: Option<Bound<'py, PyAny>>,
+    fps: Option<Bound<'py, PyAny>>,
 }
 
 impl Request<'_> {
@@ -123,6 +191,7 @@ impl Request<'_> {
             seed: named("seed", self.seed.as_ref(), |v| v.extract())?,
             stop: named("stop", self.stop.as_ref(), stop_list)?,
             ignore_eos: named("ignore_eos", self.ignore_eos.as_ref(), |v| v.extract())?,
+            lora: named("lora", self.lora.as_ref(), lora_list)?,
         })
     }
 }
@@ -135,6 +204,7 @@ impl Model {
         n_gpu_layers: Option<i32>,
         ctx_size: Option<&Bound<'_, PyAny>>,
         low_mem_mode: &Bound<'_, PyAny>,
+        lora: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         crate::logging::refresh(py)?;
         let opts = LoadOptions {
@@ -146,23 +216,37 @@ impl Model {
             low_mem: low_mem(py, low_mem_mode)?,
             ..Default::default()
         };
-        let base = GenerateOptions::default()
+        let mut base = GenerateOptions::default()
             .apply(&RequestValues {
                 max_ctx: named("ctx_size", ctx_size, |v| v.extract())?,
                 ..Default::default()
             })
             .map_err(|e| errors::from_pali(py, e))?;
+        let adapters = named("lora", lora, adapter_files)?.unwrap_or_default();
         let inner = py
-            .detach(|| pali::Model::load(&paths, &opts))
+            .detach(|| -> pali::Result<_> {
+                let model = pali::Model::load(&paths, &opts)?;
+                for (file, scale) in &adapters {
+                    let id = model.load_adapter(file)?;
+                    base.lora.push(AdapterScale::new(id, *scale));
+                }
+                Ok(model)
+            })
             .map_err(|e| errors::from_pali(py, e))?;
+        base.validate().map_err(|e| errors::from_pali(py, e))?;
         Ok(Model {
             inner: Arc::new(inner),
-            base,
+            base: Mutex::new(base),
             paths,
         })
     }
 
-    /// The library's task and options for one call, and the image as Python gave it.
+    /// The options every call starts from.
+    fn base(&self) -> std::sync::MutexGuard<'_, GenerateOptions> {
+        self.base.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The library's task and options for one call, and the input as Python gave it.
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
@@ -174,7 +258,7 @@ impl Model {
         long: bool,
         bgr: bool,
         request: &Request<'_>,
-    ) -> PyResult<(Source, Task, GenerateOptions)> {
+    ) -> PyResult<(Input, Task, GenerateOptions)> {
         crate::logging::refresh(py)?;
         let task = match task {
             "caption" => Task::Caption {
@@ -198,18 +282,24 @@ impl Model {
         // Bad names and bad options are refused before the image is read.
         task.check().map_err(|e| errors::from_pali(py, e))?;
         let opts = self
-            .base
+            .base()
             .apply(&request.values()?)
             .map_err(|e| errors::from_pali(py, e))?;
-        let source = Source::from_py(image, bgr)?;
-        Ok((source, task, opts))
+        // Adapters that are not loaded (any more) are refused here, before the image.
+        self.inner
+            .check_options(&opts)
+            .map_err(|e| errors::from_pali(py, e))?;
+        let frames = named("frames", request.frames.as_ref(), |v| v.extract())?;
+        let fps = named("fps", request.fps.as_ref(), |v| v.extract())?;
+        let input = Input::from_py(image, bgr, frames, fps)?;
+        Ok((input, task, opts))
     }
 }
 
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (model, mmproj = None, vae = None, *, threads = None, n_gpu_layers = None, ctx_size = None, low_mem = None))]
+    #[pyo3(signature = (model, mmproj = None, vae = None, *, threads = None, n_gpu_layers = None, ctx_size = None, low_mem = None, lora = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -220,6 +310,7 @@ impl Model {
         n_gpu_layers: Option<i32>,
         ctx_size: Option<&Bound<'_, PyAny>>,
         low_mem: Option<&Bound<'_, PyAny>>,
+        lora: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let paths = match mmproj {
             Some(mmproj) => ModelPaths::new(model, mmproj),
@@ -237,6 +328,7 @@ impl Model {
             n_gpu_layers,
             ctx_size,
             low_mem.unwrap_or(&none),
+            lora,
         )
     }
 
@@ -252,13 +344,14 @@ impl Model {
     ) -> PyResult<Self> {
         let paths = ModelPaths::demo(&root).map_err(|e| errors::from_pali(py, e))?;
         let none = py.None().into_bound(py);
-        Model::load(py, paths, threads, None, ctx_size, low_mem.unwrap_or(&none))
+        let low_mem = low_mem.unwrap_or(&none);
+        Model::load(py, paths, threads, None, ctx_size, low_mem, None)
     }
 
     /// Runs a task and waits for its answer: `(json, masks)`.
     #[pyo3(signature = (image, task, arg = None, *, lang = "en", long = false, bgr = false,
         max_tokens = None, temperature = None, top_k = None, top_p = None, seed = None,
-        stop = None, ctx_size = None, ignore_eos = None))]
+        stop = None, ctx_size = None, ignore_eos = None, lora = None, frames = None, fps = None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
@@ -277,6 +370,9 @@ impl Model {
         stop: Option<Bound<'py, PyAny>>,
         ctx_size: Option<Bound<'py, PyAny>>,
         ignore_eos: Option<Bound<'py, PyAny>>,
+        lora: Option<Bound<'py, PyAny>>,
+        frames: Option<Bound<'py, PyAny>>,
+        fps: Option<Bound<'py, PyAny>>,
     ) -> PyResult<PyAnswer> {
         let request = Request {
             max_tokens,
@@ -287,16 +383,19 @@ impl Model {
             stop,
             ctx_size,
             ignore_eos,
+            lora,
+            frames,
+            fps,
         };
-        let (source, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
-        let job = Job::start(py, self.inner.clone(), source, task, opts, false)?;
+        let (input, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
+        let job = Job::start(py, self.inner.clone(), input, task, opts, false)?;
         job::wait(py, job)
     }
 
     /// Starts a task whose text is streamed: a `Stream` of pieces.
     #[pyo3(signature = (image, task, arg = None, *, lang = "en", long = false, bgr = false,
         max_tokens = None, temperature = None, top_k = None, top_p = None, seed = None,
-        stop = None, ctx_size = None, ignore_eos = None))]
+        stop = None, ctx_size = None, ignore_eos = None, lora = None, frames = None, fps = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream<'py>(
         &self,
@@ -315,6 +414,9 @@ impl Model {
         stop: Option<Bound<'py, PyAny>>,
         ctx_size: Option<Bound<'py, PyAny>>,
         ignore_eos: Option<Bound<'py, PyAny>>,
+        lora: Option<Bound<'py, PyAny>>,
+        frames: Option<Bound<'py, PyAny>>,
+        fps: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Stream> {
         let request = Request {
             max_tokens,
@@ -325,16 +427,73 @@ impl Model {
             stop,
             ctx_size,
             ignore_eos,
+            lora,
+            frames,
+            fps,
         };
-        let (source, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
+        let (input, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
         Ok(Stream::new(Job::start(
             py,
             self.inner.clone(),
-            source,
+            input,
             task,
             opts,
             true,
         )?))
+    }
+
+    /// Loads a LoRA adapter (`pali convert-lora`'s files: either file of the pair) and
+    /// returns its id; calls use it when they name it (`lora=[id]`) or once it is in the
+    /// defaults (`lora` setter). Waits for running generations; GIL released.
+    fn load_adapter(&self, py: Python<'_>, path: PathBuf) -> PyResult<u32> {
+        crate::logging::refresh(py)?;
+        py.detach(|| self.inner.load_adapter(&path))
+            .map(|id| id.0)
+            .map_err(|e| errors::from_pali(py, e))
+    }
+
+    /// Unloads adapter `id` (and drops it from the defaults).
+    fn free_adapter(&self, py: Python<'_>, id: i64) -> PyResult<()> {
+        let id = u32::try_from(id).map(AdapterId).map_err(|_| {
+            errors::error(
+                py,
+                Kind::Option,
+                format!("adapter id {id}: no such adapter"),
+            )
+        })?;
+        py.detach(|| self.inner.free_adapter(id))
+            .map_err(|e| errors::from_pali(py, e))?;
+        self.base().lora.retain(|a| a.id != id);
+        Ok(())
+    }
+
+    /// The loaded adapters as JSON (`pali serve`'s `/lora-adapters` fields and more).
+    fn adapters_json(&self) -> String {
+        serde_json::to_string(&self.inner.adapters()).expect("adapters serialize")
+    }
+
+    /// The adapters every call uses unless it passes `lora=`: `[(id, scale)]`.
+    fn default_lora(&self) -> Vec<(u32, f32)> {
+        self.base().lora.iter().map(|a| (a.id.0, a.scale)).collect()
+    }
+
+    /// Sets the default adapters (as `lora=` of a call, None = none; checked against the
+    /// loaded ones).
+    #[pyo3(signature = (value))]
+    fn set_default_lora(&self, py: Python<'_>, value: Option<Bound<'_, PyAny>>) -> PyResult<()> {
+        let lora = named("lora", value.as_ref(), lora_list)?.unwrap_or_default();
+        let mut base = self.base();
+        let opts = base
+            .apply(&RequestValues {
+                lora: Some(lora),
+                ..Default::default()
+            })
+            .map_err(|e| errors::from_pali(py, e))?;
+        self.inner
+            .check_options(&opts)
+            .map_err(|e| errors::from_pali(py, e))?;
+        *base = opts;
+        Ok(())
     }
 
     /// Decoder, vision and mask decoder files (the last None without one).

@@ -52,6 +52,7 @@ def cli():
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout)
 
+    run.exe = exe
     return run
 
 

@@ -137,8 +137,6 @@ def test_bad_arrays(model, array, message):
 def test_bad_image_types(model):
     with pytest.raises(pali.ImageError, match="unsupported image type int"):
         model.caption(42)
-    with pytest.raises(pali.ImageError, match="not supported yet"):
-        model.caption([IMG, IMG])
     with pytest.raises(pali.ImageError, match="bgr=True is for arrays of pixels"):
         model.caption(IMG, bgr=True)
     with pytest.raises(pali.ImageError, match="bgr=True"):
@@ -151,7 +149,7 @@ def test_missing_and_wrong_model_files(model, tmp_path):
         pali.Model(tmp_path / "missing.gguf", mmproj)
     with pytest.raises(pali.ModelError, match="file not found"):
         pali.Model(decoder, tmp_path / "missing.gguf")
-    with pytest.raises(pali.ModelError, match=str(tmp_path)):
+    with pytest.raises(pali.ModelError, match="model.gguf: file not found"):
         pali.Model(tmp_path / "model.gguf")
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     with pytest.raises(pali.ModelError, match="no mmproj-\\*.gguf next to the model"):
