@@ -6,60 +6,15 @@
 mod common;
 use common::*;
 use pali::{AdapterId, AdapterScale, GenerateOptions, KvCacheType, LoadOptions, Model, ModelPaths};
-use pali_convert::{LoraConvertOptions, LoraConvertOutput};
+use pali_convert::LoraConvertOptions;
 use pali_ggml::quant::FileType;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
 
 /// The adapter fixtures and the base each was made on.
 const ADAPTERS: &[&str] = &["text", "hf", "vision", "swa-mlp"];
 
 /// First-step logit tolerance against PEFT (the base parity bound, tests/parity.rs).
 const LOGIT_TOL: f32 = 5e-2;
-
-fn lora_dir(name: &str) -> PathBuf {
-    fixture_dir("lora").join(name)
-}
-
-fn reference(name: &str) -> Reference {
-    Reference::load(&format!("lora/{name}"))
-}
-
-fn base_of(name: &str) -> String {
-    reference(name).json["base"].as_str().unwrap().to_string()
-}
-
-/// Converts an adapter fixture once per (adapter, type) in this test binary.
-fn converted_lora(name: &str, ty: FileType) -> LoraConvertOutput {
-    type Slot = Arc<OnceLock<LoraConvertOutput>>;
-    static CACHE: OnceLock<Mutex<HashMap<String, Slot>>> = OnceLock::new();
-    let key = format!("{name}-{}", ty.label());
-    let slot = {
-        let mut m = CACHE.get_or_init(Default::default).lock().unwrap();
-        m.entry(key.clone()).or_default().clone()
-    };
-    slot.get_or_init(|| {
-        let opts = LoraConvertOptions {
-            input: lora_dir(name).join("adapter"),
-            out_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join("lora-adapters")
-                .join(&key),
-            ty,
-            force: true,
-            name: Some(name.to_string()),
-        };
-        pali_convert::convert_lora(&opts, &mut |_, _, _| {})
-            .unwrap_or_else(|e| panic!("converting {key}: {e}"))
-    })
-    .clone()
-}
-
-/// Either file of a converted adapter (the decoder's when there is one).
-fn adapter_file(name: &str, ty: FileType) -> PathBuf {
-    let c = converted_lora(name, ty);
-    c.decoder.or(c.mmproj).unwrap()
-}
 
 fn model(base: &str, text: FileType, vision: FileType) -> Model {
     let c = converted(base, text, vision);
@@ -91,7 +46,7 @@ fn image(name: &str) -> pali::RgbImage {
 #[test]
 fn adapters_match_peft_unmerged() {
     for name in ADAPTERS {
-        let r = reference(name);
+        let r = lora_reference(name);
         let m = model(&base_of(name), FileType::F32, FileType::F32);
         let id = m.load_adapter(adapter_file(name, FileType::F32)).unwrap();
         let opts = with(id, 1.0, KvCacheType::F32);
@@ -144,7 +99,7 @@ fn f16_and_quantized_bases_with_f16_adapters_agree_with_peft() {
             let base = base_of(name);
             let m = model(&base, text, vision);
             let id = m.load_adapter(adapter_file(name, FileType::F16)).unwrap();
-            let r = reference(name);
+            let r = lora_reference(name);
             let a = run_reference_cases(&m, &r, &r.cases(), "", with(id, 1.0, KvCacheType::F16));
             let w = a.iter().map(|c| c.logit_diff).fold(0f32, f32::max);
             let ag: usize = a.iter().map(|c| c.agreed).sum();
@@ -194,7 +149,7 @@ fn f16_and_quantized_bases_with_f16_adapters_agree_with_peft() {
 /// the base as the F32 tower does.
 #[test]
 fn adapter_on_a_padded_q8_0_tower() {
-    let r = reference("swa-mlp");
+    let r = lora_reference("swa-mlp");
     let base = base_of("swa-mlp");
     for vt in [FileType::F32, FileType::Q8_0] {
         let c = converted(&base, FileType::F32, vt);
@@ -298,7 +253,7 @@ fn requests_swap_adapters_on_one_base() {
     // (adapter index or none, image): the reference's greedy tokens for caption en.
     let want = |adapter: Option<usize>, img: &str| -> Vec<u32> {
         let r = match adapter {
-            Some(i) => reference(names[i]),
+            Some(i) => lora_reference(names[i]),
             None => Reference::load("tiny-224"),
         };
         let case = r
@@ -359,7 +314,7 @@ fn stock_llama_cpp_api_loads_the_decoder_adapter() {
     use std::ffi::CString;
     pali_ggml::logging::init();
     for name in ["text", "hf"] {
-        let r = reference(name);
+        let r = lora_reference(name);
         let base = converted(&base_of(name), FileType::F32, FileType::F32);
         let adapter = converted_lora(name, FileType::F32).decoder.unwrap();
         let tokens: Vec<i32> = ids(&r.json["text_only_input_ids"])
@@ -1082,7 +1037,7 @@ fn server_swaps_adapters_per_request() {
             .unwrap()
     };
     let want = |adapter: Option<usize>, img: &str| match adapter {
-        Some(i) => text_of(&reference(names[i]), img),
+        Some(i) => text_of(&lora_reference(names[i]), img),
         None => text_of(&Reference::load("tiny-224"), img),
     };
     let chat = |lora: Option<serde_json::Value>, img: &str| {
@@ -1190,7 +1145,7 @@ fn server_swaps_adapters_per_request() {
 /// tests/parity.rs).
 #[test]
 fn vision_adapter_in_f16_compute() {
-    let r = reference("vision");
+    let r = lora_reference("vision");
     let c = converted("tiny-224", FileType::F16, FileType::F16);
     let m = Model::load(
         &ModelPaths::new(c.decoder, c.mmproj),

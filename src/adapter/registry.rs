@@ -161,6 +161,39 @@ pub(crate) fn adapter_files(path: &Path) -> Result<AdapterInfo> {
     Ok(info)
 }
 
+/// Opens one part of an adapter and checks its header: each `(key, value)` of `expected`
+/// (string values: the file's type, architecture, …; `part` says which `pali convert-lora`
+/// output was expected) and a finite `adapter.lora.alpha` (0 when absent). Returns the file
+/// and its alpha; errors name the file.
+pub(crate) fn open_part(
+    path: &Path,
+    expected: &[(&str, &str)],
+    part: &str,
+) -> Result<(GgufFile, f32)> {
+    let model = |m: String| Error::Model(format!("LoRA adapter {}: {m}", path.display()));
+    let f = GgufFile::open(path).map_err(|e| model(e.to_string()))?;
+    for &(key, want) in expected {
+        let got = f.get(key);
+        if got != Some(Value::Str(want.into())) {
+            return Err(model(format!(
+                "{key} is {}, expected {want:?} (a {part} adapter from `pali convert-lora`)",
+                got.map_or("missing".into(), |v| v.to_string())
+            )));
+        }
+    }
+    let alpha = match f.get(names::LORA_ALPHA) {
+        None => 0.0,
+        Some(Value::F32(a)) if a.is_finite() => a,
+        Some(v) => {
+            return Err(model(format!(
+                "{} = {v}: not a finite float",
+                names::LORA_ALPHA
+            )))
+        }
+    };
+    Ok((f, alpha))
+}
+
 /// The checks shared by both parts: names end in `.lora_a` / `.lora_b`, pairs are whole,
 /// each base tensor exists (via `base`) and is not the token embedding, and the shapes fit
 /// it: `A` `[in, r]`, `B` `[r, out]` for a base `[in, out]`.

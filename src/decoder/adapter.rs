@@ -3,10 +3,10 @@
 //! API and applied per generation context ([`Decoder::generate`]).
 
 use super::load::Decoder;
-use crate::adapter::registry::check_pairs;
+use crate::adapter::registry::{check_pairs, open_part};
 use crate::options::{AdapterId, AdapterScale};
 use crate::{Error, Result};
-use pali_ggml::gguf::{GgufFile, TensorInfo, Value};
+use pali_ggml::gguf::{GgufFile, TensorInfo};
 use pali_ggml::llama::LoraAdapter;
 use pali_ggml::schema::{adapter as names, keys};
 use std::collections::HashMap;
@@ -17,30 +17,15 @@ use std::path::Path;
 /// also reads itself for the prefix). Returns the adapter's `alpha`.
 pub(crate) fn check_adapter(base: &Path, path: &Path) -> Result<f32> {
     let model = |m: String| Error::Model(format!("LoRA adapter {}: {m}", path.display()));
-    let f = GgufFile::open(path).map_err(|e| model(e.to_string()))?;
-    for (key, want) in [
-        (names::GENERAL_TYPE, names::TYPE_ADAPTER),
-        (keys::ARCHITECTURE, keys::ARCH_GEMMA2),
-        (names::ADAPTER_TYPE, names::TYPE_LORA),
-    ] {
-        let got = f.get(key);
-        if got != Some(Value::Str(want.into())) {
-            return Err(model(format!(
-                "{key} is {}, expected {want:?} (a decoder adapter from `pali convert-lora`)",
-                got.map_or("missing".into(), |v| v.to_string())
-            )));
-        }
-    }
-    let alpha = match f.get(names::LORA_ALPHA) {
-        None => 0.0,
-        Some(Value::F32(a)) if a.is_finite() => a,
-        Some(v) => {
-            return Err(model(format!(
-                "{} = {v}: not a finite float",
-                names::LORA_ALPHA
-            )))
-        }
-    };
+    let (f, alpha) = open_part(
+        path,
+        &[
+            (names::GENERAL_TYPE, names::TYPE_ADAPTER),
+            (keys::ARCHITECTURE, keys::ARCH_GEMMA2),
+            (names::ADAPTER_TYPE, names::TYPE_LORA),
+        ],
+        "decoder",
+    )?;
     let base_file = GgufFile::open(base)?;
     let base_tensors: HashMap<String, TensorInfo> = base_file
         .tensors()

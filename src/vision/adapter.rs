@@ -4,9 +4,9 @@
 //! selected adapter's `scale · alpha / r · B (A x)` to the layers it changes (`graph.rs`).
 
 use super::config::VisionConfig;
-use crate::adapter::registry::check_pairs;
+use crate::adapter::registry::{check_pairs, open_part};
 use crate::{Error, Result};
-use pali_ggml::gguf::{GgufFile, TensorInfo, Value};
+use pali_ggml::gguf::{GgufFile, TensorInfo};
 use pali_ggml::graph::{Backend, Weights};
 use pali_ggml::schema::{adapter as names, keys, vision_block};
 use std::collections::HashMap;
@@ -39,31 +39,16 @@ impl VisionAdapter {
 /// fc2, the projector) with shapes that fit them. Returns its `alpha`.
 pub(crate) fn check_adapter(cfg: &VisionConfig, base: &GgufFile, path: &Path) -> Result<f32> {
     let model = |m: String| Error::Model(format!("LoRA adapter {}: {m}", path.display()));
-    let f = GgufFile::open(path).map_err(|e| model(e.to_string()))?;
-    for (key, want) in [
-        (names::GENERAL_TYPE, names::TYPE_ADAPTER),
-        (keys::ARCHITECTURE, keys::ARCH_CLIP),
-        (names::ADAPTER_TYPE, names::TYPE_LORA),
-        (keys::CLIP_PROJECTOR_TYPE, keys::PROJECTOR_PALIGEMMA),
-    ] {
-        let got = f.get(key);
-        if got != Some(Value::Str(want.into())) {
-            return Err(model(format!(
-                "{key} is {}, expected {want:?} (a vision adapter from `pali convert-lora`)",
-                got.map_or("missing".into(), |v| v.to_string())
-            )));
-        }
-    }
-    let alpha = match f.get(names::LORA_ALPHA) {
-        None => 0.0,
-        Some(Value::F32(a)) if a.is_finite() => a,
-        Some(v) => {
-            return Err(model(format!(
-                "{} = {v}: not a finite float",
-                names::LORA_ALPHA
-            )))
-        }
-    };
+    let (f, alpha) = open_part(
+        path,
+        &[
+            (names::GENERAL_TYPE, names::TYPE_ADAPTER),
+            (keys::ARCHITECTURE, keys::ARCH_CLIP),
+            (names::ADAPTER_TYPE, names::TYPE_LORA),
+            (keys::CLIP_PROJECTOR_TYPE, keys::PROJECTOR_PALIGEMMA),
+        ],
+        "vision",
+    )?;
     // The layers an adapter may change, with the shapes it sees: a Q8_0 tower stores its MLP
     // zero-padded to whole blocks, but an adapter was trained on the real width.
     let mut targets: HashMap<String, TensorInfo> = HashMap::new();

@@ -205,43 +205,7 @@ pub struct CaseResult {
 /// Runs every case of fixture `name` (image × prompt, greedy as long as HF's) on `m`.
 pub fn run_cases(m: &pali::Model, name: &str, base: pali::GenerateOptions) -> Vec<CaseResult> {
     let r = Reference::load(name);
-    let prompts = r.prompts();
-    r.cases()
-        .iter()
-        .map(|case| {
-            let img = case["image"].as_str().unwrap();
-            let k = case["prompt_index"].as_u64().unwrap() as usize;
-            let want: Vec<u32> = ids(&case["greedy"])
-                .into_iter()
-                .filter(|&t| t != 1)
-                .collect();
-            let image = pali::image::load_image(&image_path(img), pali::MAX_IMAGE_PIXELS).unwrap();
-            let opts = pali::GenerateOptions {
-                n_predict: want.len(),
-                ..base.clone()
-            };
-            let g = m.generate(&image, &prompts[k], &opts, &mut |_| {}).unwrap();
-            let hf = r.tensor(&format!("logits.{img}.{k}"));
-            let agreed = g
-                .tokens
-                .iter()
-                .zip(&want)
-                .take_while(|(a, b)| a == b)
-                .count();
-            CaseResult {
-                image: img.to_string(),
-                prompt: prompts[k].clone(),
-                logit_diff: max_abs_diff(&g.first_logits, &hf[..r.vocab_real()]),
-                first_token_equal: g.tokens.first() == want.first(),
-                agreed,
-                total: want.len(),
-                margin_at_divergence: floats(&case["margins"])
-                    .get(agreed)
-                    .copied()
-                    .unwrap_or(f32::INFINITY),
-            }
-        })
-        .collect()
+    run_reference_cases(m, &r, &r.cases(), "", base)
 }
 
 /// Judges one decoder × vision type's cases against HF: the worst first-step |Δlogit| must
@@ -505,4 +469,56 @@ pub fn run_reference_cases(
             }
         })
         .collect()
+}
+
+/// A LoRA adapter fixture's folder (models/fixtures/lora/NAME).
+pub fn lora_dir(name: &str) -> PathBuf {
+    fixture_dir("lora").join(name)
+}
+
+/// PEFT's recorded outputs for a LoRA adapter fixture.
+pub fn lora_reference(name: &str) -> Reference {
+    Reference::load(&format!("lora/{name}"))
+}
+
+/// The base fixture a LoRA adapter fixture was made on.
+pub fn base_of(name: &str) -> String {
+    lora_reference(name).json["base"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Converts a LoRA adapter fixture once per (adapter, type) in this test binary.
+pub fn converted_lora(name: &str, ty: FileType) -> pali_convert::LoraConvertOutput {
+    type Slot = Arc<OnceLock<pali_convert::LoraConvertOutput>>;
+    static CACHE: OnceLock<Mutex<HashMap<String, Slot>>> = OnceLock::new();
+    let key = format!("{name}-{}", ty.label());
+    let slot = {
+        let mut m = CACHE.get_or_init(Default::default).lock().unwrap();
+        m.entry(key.clone()).or_default().clone()
+    };
+    slot.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.file_stem().unwrap().to_string_lossy().into_owned();
+        let opts = pali_convert::LoraConvertOptions {
+            input: lora_dir(name).join("adapter"),
+            out_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(bin)
+                .join("lora-adapters")
+                .join(&key),
+            ty,
+            force: true,
+            name: Some(name.to_string()),
+        };
+        pali_convert::convert_lora(&opts, &mut |_, _, _| {})
+            .unwrap_or_else(|e| panic!("converting {key}: {e}"))
+    })
+    .clone()
+}
+
+/// Either file of a converted adapter (the decoder's when there is one).
+pub fn adapter_file(name: &str, ty: FileType) -> PathBuf {
+    let c = converted_lora(name, ty);
+    c.decoder.or(c.mmproj).unwrap()
 }
