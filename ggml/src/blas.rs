@@ -45,6 +45,7 @@ mod ffi {
         );
         pub fn openblas_set_num_threads(n: c_int);
         pub fn openblas_get_config() -> *const c_char;
+        pub fn openblas_get_corename() -> *const c_char;
     }
 }
 
@@ -67,13 +68,87 @@ pub fn library() -> Option<&'static str> {
 
 #[cfg(pali_blas)]
 fn config() -> Option<String> {
+    let chose = choose_kernels();
     // SAFETY: OpenBLAS's own calls; the config string is static. One thread per SGEMM call:
     // the calls run on ggml's threads, each on its own rows (see the module doc).
-    unsafe {
+    let config = unsafe {
         ffi::openblas_set_num_threads(1);
         let s = std::ffi::CStr::from_ptr(ffi::openblas_get_config());
-        Some(s.to_string_lossy().trim().to_string())
+        s.to_string_lossy().trim().to_string()
+    };
+    Some(match chose {
+        Some(note) => format!("{config} ({note})"),
+        None => config,
+    })
+}
+
+/// OpenBLAS's kernels for this CPU, as it named them (`Haswell`, `SkylakeX`, `Prescott`, …).
+#[cfg(pali_blas)]
+fn core_name() -> String {
+    // SAFETY: OpenBLAS returns a static string.
+    unsafe { std::ffi::CStr::from_ptr(ffi::openblas_get_corename()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The kernels OpenBLAS should use on this CPU where it fell back to its SSE3 `Prescott`
+/// ones, which it does on a CPU newer than its release: Debian bookworm's 0.3.21 on an
+/// Intel Xeon of family 6 model 207 (Emerald Rapids) ran SGEMM at 63 GFLOP/s on 2 cores
+/// with them and at 258 with `Cooperlake`'s (BENCHMARKS.md), and ggml's own F16 matmul
+/// at 64. `None` where its choice stands.
+#[cfg(pali_blas)]
+fn better_kernels(current: &str) -> Option<&'static str> {
+    if !current.eq_ignore_ascii_case("prescott") {
+        return None;
     }
+    let avx512 = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512cd");
+    if avx512 && std::is_x86_feature_detected!("avx512bf16") {
+        Some("Cooperlake")
+    } else if avx512 {
+        Some("SkylakeX")
+    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        Some("Haswell")
+    } else {
+        None
+    }
+}
+
+/// Where OpenBLAS fell back to kernels far below this CPU ([`better_kernels`]) and the user
+/// did not choose with `OPENBLAS_CORETYPE`, reruns OpenBLAS's own run-time selection (a
+/// `DYNAMIC_ARCH` build: `gotoblas_dynamic_quit` / `gotoblas_dynamic_init`, looked up at
+/// run time, so any other OpenBLAS build is left alone) with `OPENBLAS_CORETYPE` set, as if
+/// the user had set it. Runs once, before pali's first SGEMM. Returns what it did.
+#[cfg(pali_blas)]
+fn choose_kernels() -> Option<String> {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+        return None;
+    }
+    let before = core_name();
+    let wanted = better_kernels(&before)?;
+    // SAFETY: dlsym on the process's global scope; the symbols, when present, are OpenBLAS's
+    // `void f(void)` functions. No OpenBLAS call of pali's is running (this is its first);
+    // the variable is set only for the rerun and removed at once.
+    unsafe {
+        let quit = libc::dlsym(libc::RTLD_DEFAULT, c"gotoblas_dynamic_quit".as_ptr());
+        let init = libc::dlsym(libc::RTLD_DEFAULT, c"gotoblas_dynamic_init".as_ptr());
+        if quit.is_null() || init.is_null() {
+            return None;
+        }
+        let quit: extern "C" fn() = std::mem::transmute(quit);
+        let init: extern "C" fn() = std::mem::transmute(init);
+        std::env::set_var("OPENBLAS_CORETYPE", wanted);
+        quit();
+        init();
+        std::env::remove_var("OPENBLAS_CORETYPE");
+    }
+    let after = core_name();
+    let note = format!("OpenBLAS chose {before} for this CPU; pali chose {after}");
+    log::info!("{note} (OPENBLAS_CORETYPE overrides)");
+    Some(note)
 }
 
 #[cfg(not(pali_blas))]
@@ -254,4 +329,22 @@ unsafe fn sgemm(
 #[cfg(not(pali_blas))]
 unsafe fn sgemm(_: usize, _: usize, _: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize) {
     unreachable!("library() is None without the blas feature, so no BLAS op is built")
+}
+
+#[cfg(all(test, pali_blas))]
+mod tests {
+    use super::*;
+
+    /// After pali's set-up, OpenBLAS runs kernels that fit this CPU, not its SSE3 fallback
+    /// (unless the user chose them with OPENBLAS_CORETYPE).
+    #[test]
+    fn kernels_fit_the_cpu() {
+        let config = config().expect("a blas build");
+        let name = core_name();
+        println!("{config}; kernels {name}");
+        if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
+            assert_eq!(better_kernels(&name), None, "{config}");
+        }
+        assert!(config.contains(&name), "{config} names {name}");
+    }
 }
