@@ -909,8 +909,8 @@ fn queue_timeout_and_disconnects() {
     server.stop();
 
     // --timeout ends a request with 504, the server goes on. (8000 tokens take well over the
-    // limit, 3 s or more at 2500 tok/s; the 5-token request after it well under, even with other tests
-    // running.)
+    // limit, 3 s or more at 2500 tok/s; the 5-token request after it well under, even with
+    // other tests running.)
     let server = Server::start(&["--timeout", "1.2"]);
     server
         .post("/v1/chat/completions", &long_request(8000))
