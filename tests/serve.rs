@@ -593,6 +593,27 @@ fn several_images_and_a_clip() {
     );
     assert_eq!(ok.status, 200, "{}", ok.body);
     server.stop();
+
+    // A clip whose frames do not fit the context is refused (before its frames are decoded)
+    // with the numbers and the frames that would fit.
+    let n_prefix = cli["timings"]["n_prefix"].as_u64().unwrap().to_string();
+    let server = Server::start(&["-c", &n_prefix]);
+    let too_long = |frames: u64| {
+        let mut body = chat(
+            "caption en",
+            &[],
+            json!({ "frames": frames, "max_tokens": 4 }),
+        );
+        body["messages"][0]["content"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "type": "video_url", "video_url": { "url": gif_url } }));
+        server.post("/v1/chat/completions", &body)
+    };
+    too_long(4).assert_error(400, "context_length_exceeded", "would fit");
+    let fits = too_long(3);
+    assert_eq!(fits.status, 200, "{}", fits.body);
+    server.stop();
 }
 
 #[test]

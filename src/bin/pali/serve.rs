@@ -94,9 +94,14 @@ fn invalid(message: String) -> EngineError {
 
 impl PaliEngine {
     /// A request's images, or its clip's chosen frames, decoded within the limits: at most
-    /// `--max-frames` frames and `--max-pixels` decoded pixels in all (checked before the
-    /// frames are decoded).
-    fn media(&self, media: &Media) -> Result<Loaded, EngineError> {
+    /// `--max-frames` frames, `--max-pixels` decoded pixels in all and K frames that fit the
+    /// context with `task`'s prompt (checked before the frames are decoded).
+    fn media(
+        &self,
+        media: &Media,
+        task: &Task,
+        opts: &GenerateOptions,
+    ) -> Result<Loaded, EngineError> {
         let budget = |pixels: u64| {
             if pixels > self.max_pixels {
                 return Err(invalid(format!(
@@ -147,6 +152,9 @@ impl PaliEngine {
                     )));
                 }
                 budget(plan.pixels())?;
+                self.model
+                    .check_context(plan.indices.len(), &task.prompt(), opts)
+                    .map_err(engine_error)?;
                 let clip = plan
                     .decode(pali::MAX_IMAGE_PIXELS)
                     .map_err(|e| invalid(format!("video: {e}")))?;
@@ -194,7 +202,7 @@ impl pali_server::Engine for PaliEngine {
             ..self.options(&req.sampling)?
         };
         let task = Task::Raw(req.prompt);
-        let answer = match self.media(&req.media)? {
+        let answer = match self.media(&req.media, &task, &opts)? {
             Loaded::Images(images) => self.model.run(&images, &task, &opts, on_text),
             Loaded::Clip(clip) => self.model.run_clip(clip, &task, &opts, on_text),
         }
