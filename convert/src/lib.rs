@@ -14,6 +14,7 @@ pub mod config;
 mod error;
 pub mod lora;
 mod npz;
+mod peft;
 mod plan;
 pub mod safetensors;
 pub mod vae;
