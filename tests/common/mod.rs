@@ -48,22 +48,12 @@ pub fn converted_from(
     text: FileType,
     vision: FileType,
 ) -> ConvertOutput {
-    type Slot = Arc<OnceLock<ConvertOutput>>;
-    static CACHE: OnceLock<Mutex<HashMap<String, Slot>>> = OnceLock::new();
+    static CACHE: Cache<ConvertOutput> = OnceLock::new();
     let key = format!("{name}-{}-{}", text.label(), vision.label());
-    let slot = {
-        let mut m = CACHE.get_or_init(Default::default).lock().unwrap();
-        m.entry(key.clone()).or_default().clone()
-    };
-    slot.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.file_stem().unwrap().to_string_lossy().into_owned();
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(bin)
-            .join(&key);
+    once_per_key(&CACHE, &key, || {
         let opts = ConvertOptions {
             input: hf_dir.to_path_buf(),
-            out_dir: out,
+            out_dir: scratch_root().join(&key),
             text_type: text,
             vision_type: vision,
             force: true,
@@ -73,7 +63,27 @@ pub fn converted_from(
         pali_convert::convert(&opts, &mut |_, _, _| {})
             .unwrap_or_else(|e| panic!("converting {key}: {e}"))
     })
-    .clone()
+}
+
+/// Values made once per key in this test binary, each made by one thread while the others
+/// asking for the same key wait.
+type Cache<T> = OnceLock<Mutex<HashMap<String, Arc<OnceLock<T>>>>>;
+
+/// `cache[key]`, made by `make` the first time.
+fn once_per_key<T: Clone>(cache: &'static Cache<T>, key: &str, make: impl FnOnce() -> T) -> T {
+    let slot = {
+        let mut m = cache.get_or_init(Default::default).lock().unwrap();
+        m.entry(key.to_string()).or_default().clone()
+    };
+    slot.get_or_init(make).clone()
+}
+
+/// This test binary's own folder under cargo's scratch directory (binaries running at once
+/// never write the same files).
+fn scratch_root() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.file_stem().unwrap().to_string_lossy().into_owned();
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(bin)
 }
 
 /// HF's recorded outputs for a fixture.
@@ -491,22 +501,12 @@ pub fn base_of(name: &str) -> String {
 
 /// Converts a LoRA adapter fixture once per (adapter, type) in this test binary.
 pub fn converted_lora(name: &str, ty: FileType) -> pali_convert::LoraConvertOutput {
-    type Slot = Arc<OnceLock<pali_convert::LoraConvertOutput>>;
-    static CACHE: OnceLock<Mutex<HashMap<String, Slot>>> = OnceLock::new();
+    static CACHE: Cache<pali_convert::LoraConvertOutput> = OnceLock::new();
     let key = format!("{name}-{}", ty.label());
-    let slot = {
-        let mut m = CACHE.get_or_init(Default::default).lock().unwrap();
-        m.entry(key.clone()).or_default().clone()
-    };
-    slot.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.file_stem().unwrap().to_string_lossy().into_owned();
+    once_per_key(&CACHE, &key, || {
         let opts = pali_convert::LoraConvertOptions {
             input: lora_dir(name).join("adapter"),
-            out_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join(bin)
-                .join("lora-adapters")
-                .join(&key),
+            out_dir: scratch_root().join("lora-adapters").join(&key),
             ty,
             force: true,
             name: Some(name.to_string()),
@@ -514,7 +514,6 @@ pub fn converted_lora(name: &str, ty: FileType) -> pali_convert::LoraConvertOutp
         pali_convert::convert_lora(&opts, &mut |_, _, _| {})
             .unwrap_or_else(|e| panic!("converting {key}: {e}"))
     })
-    .clone()
 }
 
 /// Either file of a converted adapter (the decoder's when there is one).
