@@ -79,21 +79,14 @@ class Model:
         lang: str = "en",
         long: bool = False,
         bgr: bool = False,
-        max_tokens: Optional[int] = None,
-        temperature: Optional[float] = None,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
-        ctx_size: Optional[int] = None,
-        ignore_eos: Optional[bool] = None,
-        lora: Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], None] = None,
-        frames: Optional[int] = None,
-        fps: Optional[float] = None,
+        **options: Any,
     ) -> _Answer:
         """``task``: caption, ask (arg: the question), ocr, detect / segment (arg: the
         object names), prompt (arg: any prompt). ``image``: one image or a list (one
-        prompt); with ``frames`` / ``fps`` a clip file (path or bytes)."""
+        prompt); with ``frames`` / ``fps`` a clip file (path or bytes). ``options``: the
+        ``pali.Model`` calls' keyword arguments (max_tokens, temperature, top_k, top_p,
+        seed, stop, ctx_size, ignore_eos, lora, frames, fps); any other name is a
+        ``TypeError``."""
     def stream(
         self,
         image: Any,
@@ -103,17 +96,7 @@ class Model:
         lang: str = "en",
         long: bool = False,
         bgr: bool = False,
-        max_tokens: Optional[int] = None,
-        temperature: Optional[float] = None,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
-        ctx_size: Optional[int] = None,
-        ignore_eos: Optional[bool] = None,
-        lora: Union[Sequence[Union[int, Tuple[int, float]]], Dict[int, float], None] = None,
-        frames: Optional[int] = None,
-        fps: Optional[float] = None,
+        **options: Any,
     ) -> Stream: ...
     def load_adapter(self, path: _Path) -> int: ...
     def free_adapter(self, id: int) -> None: ...

@@ -163,35 +163,66 @@ fn text(task: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
     }
 }
 
-/// The per-call options the keyword arguments of every task call give.
-struct Request<'py> {
-    max_tokens: Option<Bound<'py, PyAny>>,
-    temperature: Option<Bound<'py, PyAny>>,
-    top_k: Option<Bound<'py, PyAny>>,
-    top_p: Option<Bound<'py, PyAny>>,
-    seed: Option<Bound<'py, PyAny>>,
-    stop: Option<Bound<'py, PyAny>>,
-    ctx_size: Option<Bound<'py, PyAny>>,
-    ignore_eos: Option<Bound<'py, PyAny>>,
-    lora: Option<Bound<'py, PyAny>>,
-    /// A clip's frame selection: K frames, or F per second.
-    frames: Option<Bound<'py, PyAny>>,
-    fps: Option<Bound<'py, PyAny>>,
-}
+/// The names of a task call's options (`**options` of `run` / `stream`; the Python
+/// wrapper's keyword arguments).
+const OPTIONS: [&str; 11] = [
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "ctx_size",
+    "ignore_eos",
+    "lora",
+    "frames",
+    "fps",
+];
 
-impl Request<'_> {
+/// The per-call options the keyword arguments of every task call give.
+struct Request<'py>(Option<Bound<'py, PyDict>>);
+
+impl<'py> Request<'py> {
+    /// The options of a call; a name that is none of [`OPTIONS`] is a `TypeError`.
+    fn new(options: Option<Bound<'py, PyDict>>) -> PyResult<Self> {
+        if let Some(d) = &options {
+            for key in d.keys() {
+                let key = key.extract::<String>()?;
+                if !OPTIONS.contains(&key.as_str()) {
+                    return Err(PyTypeError::new_err(format!(
+                        "unexpected keyword argument {key:?}"
+                    )));
+                }
+            }
+        }
+        Ok(Request(options))
+    }
+
+    /// Option `name` converted by `convert` (see [`named`]); `None` when not given or None.
+    fn get<T>(
+        &self,
+        name: &str,
+        convert: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>,
+    ) -> PyResult<Option<T>> {
+        let v = match &self.0 {
+            Some(d) => d.get_item(name)?,
+            None => None,
+        };
+        named(name, v.as_ref(), convert)
+    }
+
     /// Raw values for the library's one validation.
     fn values(&self) -> PyResult<RequestValues> {
         Ok(RequestValues {
-            n_predict: named("max_tokens", self.max_tokens.as_ref(), |v| v.extract())?,
-            max_ctx: named("ctx_size", self.ctx_size.as_ref(), |v| v.extract())?,
-            temperature: named("temperature", self.temperature.as_ref(), |v| v.extract())?,
-            top_k: named("top_k", self.top_k.as_ref(), |v| v.extract())?,
-            top_p: named("top_p", self.top_p.as_ref(), |v| v.extract())?,
-            seed: named("seed", self.seed.as_ref(), |v| v.extract())?,
-            stop: named("stop", self.stop.as_ref(), stop_list)?,
-            ignore_eos: named("ignore_eos", self.ignore_eos.as_ref(), |v| v.extract())?,
-            lora: named("lora", self.lora.as_ref(), lora_list)?,
+            n_predict: self.get("max_tokens", |v| v.extract())?,
+            max_ctx: self.get("ctx_size", |v| v.extract())?,
+            temperature: self.get("temperature", |v| v.extract())?,
+            top_k: self.get("top_k", |v| v.extract())?,
+            top_p: self.get("top_p", |v| v.extract())?,
+            seed: self.get("seed", |v| v.extract())?,
+            stop: self.get("stop", stop_list)?,
+            ignore_eos: self.get("ignore_eos", |v| v.extract())?,
+            lora: self.get("lora", lora_list)?,
         })
     }
 }
@@ -246,9 +277,10 @@ impl Model {
         self.base.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The library's task and options for one call, and the input as Python gave it.
+    /// Starts one call's generation (see [`Job::start`]): the library's task and options,
+    /// checked, and the input as Python gave it.
     #[allow(clippy::too_many_arguments)]
-    fn prepare(
+    fn start(
         &self,
         py: Python<'_>,
         image: &Bound<'_, PyAny>,
@@ -257,8 +289,10 @@ impl Model {
         lang: &str,
         long: bool,
         bgr: bool,
-        request: &Request<'_>,
-    ) -> PyResult<(Input, Task, GenerateOptions)> {
+        options: Option<Bound<'_, PyDict>>,
+        stream: bool,
+    ) -> PyResult<Job> {
+        let request = Request::new(options)?;
         crate::logging::refresh(py)?;
         let task = match task {
             "caption" => Task::Caption {
@@ -289,10 +323,10 @@ impl Model {
         self.inner
             .check_options(&opts)
             .map_err(|e| errors::from_pali(py, e))?;
-        let frames = named("frames", request.frames.as_ref(), |v| v.extract())?;
-        let fps = named("fps", request.fps.as_ref(), |v| v.extract())?;
+        let frames = request.get("frames", |v| v.extract())?;
+        let fps = request.get("fps", |v| v.extract())?;
         let input = Input::from_py(image, bgr, frames, fps)?;
-        Ok((input, task, opts))
+        Job::start(py, self.inner.clone(), input, task, opts, stream)
     }
 }
 
@@ -348,10 +382,9 @@ impl Model {
         Model::load(py, paths, threads, None, ctx_size, low_mem, None)
     }
 
-    /// Runs a task and waits for its answer: `(json, masks)`.
+    /// Runs a task and waits for its answer: `(json, masks)`. `options`: see [`OPTIONS`].
     #[pyo3(signature = (image, task, arg = None, *, lang = "en", long = false, bgr = false,
-        max_tokens = None, temperature = None, top_k = None, top_p = None, seed = None,
-        stop = None, ctx_size = None, ignore_eos = None, lora = None, frames = None, fps = None))]
+        **options))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
@@ -362,40 +395,15 @@ impl Model {
         lang: &str,
         long: bool,
         bgr: bool,
-        max_tokens: Option<Bound<'py, PyAny>>,
-        temperature: Option<Bound<'py, PyAny>>,
-        top_k: Option<Bound<'py, PyAny>>,
-        top_p: Option<Bound<'py, PyAny>>,
-        seed: Option<Bound<'py, PyAny>>,
-        stop: Option<Bound<'py, PyAny>>,
-        ctx_size: Option<Bound<'py, PyAny>>,
-        ignore_eos: Option<Bound<'py, PyAny>>,
-        lora: Option<Bound<'py, PyAny>>,
-        frames: Option<Bound<'py, PyAny>>,
-        fps: Option<Bound<'py, PyAny>>,
+        options: Option<Bound<'py, PyDict>>,
     ) -> PyResult<PyAnswer> {
-        let request = Request {
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            ctx_size,
-            ignore_eos,
-            lora,
-            frames,
-            fps,
-        };
-        let (input, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
-        let job = Job::start(py, self.inner.clone(), input, task, opts, false)?;
+        let job = self.start(py, image, task, arg, lang, long, bgr, options, false)?;
         job::wait(py, job)
     }
 
     /// Starts a task whose text is streamed: a `Stream` of pieces.
     #[pyo3(signature = (image, task, arg = None, *, lang = "en", long = false, bgr = false,
-        max_tokens = None, temperature = None, top_k = None, top_p = None, seed = None,
-        stop = None, ctx_size = None, ignore_eos = None, lora = None, frames = None, fps = None))]
+        **options))]
     #[allow(clippy::too_many_arguments)]
     fn stream<'py>(
         &self,
@@ -406,40 +414,10 @@ impl Model {
         lang: &str,
         long: bool,
         bgr: bool,
-        max_tokens: Option<Bound<'py, PyAny>>,
-        temperature: Option<Bound<'py, PyAny>>,
-        top_k: Option<Bound<'py, PyAny>>,
-        top_p: Option<Bound<'py, PyAny>>,
-        seed: Option<Bound<'py, PyAny>>,
-        stop: Option<Bound<'py, PyAny>>,
-        ctx_size: Option<Bound<'py, PyAny>>,
-        ignore_eos: Option<Bound<'py, PyAny>>,
-        lora: Option<Bound<'py, PyAny>>,
-        frames: Option<Bound<'py, PyAny>>,
-        fps: Option<Bound<'py, PyAny>>,
+        options: Option<Bound<'py, PyDict>>,
     ) -> PyResult<Stream> {
-        let request = Request {
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            ctx_size,
-            ignore_eos,
-            lora,
-            frames,
-            fps,
-        };
-        let (input, task, opts) = self.prepare(py, image, task, arg, lang, long, bgr, &request)?;
-        Ok(Stream::new(Job::start(
-            py,
-            self.inner.clone(),
-            input,
-            task,
-            opts,
-            true,
-        )?))
+        let job = self.start(py, image, task, arg, lang, long, bgr, options, true)?;
+        Ok(Stream::new(job))
     }
 
     /// Loads a LoRA adapter (`pali convert-lora`'s files: either file of the pair) and

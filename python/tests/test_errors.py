@@ -164,3 +164,9 @@ def test_missing_and_wrong_model_files(model, tmp_path):
         pali.Model(decoder, mmproj, vae=decoder)
     # Still works afterwards.
     assert model.caption(IMG).text == "a green triangle"
+
+
+def test_native_options_are_named(model):
+    # The binding takes the wrapper's options by name; a misspelt one is refused, not ignored.
+    with pytest.raises(TypeError, match="max_tokns"):
+        model._native.run(IMG, "caption", None, max_tokns=3)
