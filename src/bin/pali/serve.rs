@@ -4,7 +4,7 @@
 use crate::args::{gen_options, load_model, ModelArgs};
 use crate::files::model_paths;
 use pali::image::decode_image;
-use pali::image::{Clip, ClipPlan, FrameSelection};
+use pali::image::{ClipPlan, FrameSelection};
 use pali::{Answer, FinishReason, GenerateOptions, Model, Task, Timings};
 use pali_server::{
     Adapter, Completion, CompletionRequest, Config, EngineError, ErrorKind, LocateRequest,
@@ -93,15 +93,10 @@ fn invalid(message: String) -> EngineError {
 }
 
 impl PaliEngine {
-    /// A request's images, or its clip's chosen frames, decoded within the limits: at most
-    /// `--max-frames` frames, `--max-pixels` decoded pixels in all and K frames that fit the
-    /// context with `task`'s prompt (checked before the frames are decoded).
-    fn media(
-        &self,
-        media: &Media,
-        task: &Task,
-        opts: &GenerateOptions,
-    ) -> Result<Loaded, EngineError> {
+    /// A request's images decoded, or its clip with its frames chosen, within the limits: at
+    /// most `--max-frames` frames and `--max-pixels` decoded pixels in all (a clip's checked
+    /// before its frames are decoded, as is its fit in the context: `Model::run_clip_plan`).
+    fn media(&self, media: &Media) -> Result<Loaded, EngineError> {
         let budget = |pixels: u64| {
             if pixels > self.max_pixels {
                 return Err(invalid(format!(
@@ -152,22 +147,16 @@ impl PaliEngine {
                     )));
                 }
                 budget(plan.pixels())?;
-                self.model
-                    .check_context(plan.indices.len(), &task.prompt(), opts)
-                    .map_err(engine_error)?;
-                let clip = plan
-                    .decode(pali::MAX_IMAGE_PIXELS)
-                    .map_err(|e| invalid(format!("video: {e}")))?;
-                Ok(Loaded::Clip(clip))
+                Ok(Loaded::Clip(plan))
             }
         }
     }
 }
 
-/// A request's pixels.
+/// A request's pixels, or its clip to decode.
 enum Loaded {
     Images(Vec<pali::RgbImage>),
-    Clip(Clip),
+    Clip(ClipPlan),
 }
 
 impl pali_server::Engine for PaliEngine {
@@ -202,9 +191,9 @@ impl pali_server::Engine for PaliEngine {
             ..self.options(&req.sampling)?
         };
         let task = Task::Raw(req.prompt);
-        let answer = match self.media(&req.media, &task, &opts)? {
+        let answer = match self.media(&req.media)? {
             Loaded::Images(images) => self.model.run(&images, &task, &opts, on_text),
-            Loaded::Clip(clip) => self.model.run_clip(clip, &task, &opts, on_text),
+            Loaded::Clip(plan) => self.model.run_clip_plan(plan, &task, &opts, on_text),
         }
         .map_err(engine_error)?;
         let Answer::Text(a) = answer else {
