@@ -43,17 +43,14 @@ impl Source {
             }
             return Ok(Source::Pixels(image.get().rgb.clone()));
         }
-        if obj.is_instance_of::<PyString>() || obj.hasattr("__fspath__")? {
+        if let Some(file) = Source::file(obj)? {
             if bgr {
-                return not_pixels("an image file");
+                return not_pixels(match file {
+                    Source::Path(_) => "an image file",
+                    _ => "an encoded image",
+                });
             }
-            return Ok(Source::Path(obj.extract::<PathBuf>()?));
-        }
-        if obj.is_instance_of::<PyBytes>() || obj.is_instance_of::<PyByteArray>() {
-            if bgr {
-                return not_pixels("an encoded image");
-            }
-            return Ok(Source::Encoded(obj.extract::<PyBackedBytes>()?));
+            return Ok(file);
         }
         // An array exists only once numpy is imported (the numpy crate would panic
         // looking for numpy's API in a process without it).
@@ -79,6 +76,20 @@ impl Source {
             "unsupported image type {}: pass a path, encoded bytes, a numpy uint8 array (H, W, 3), a PIL image or a pali.Image",
             obj.get_type().name()?
         ))
+    }
+
+    /// A path (str or `os.PathLike`) or encoded bytes (`bytes`, `bytearray`), if `obj` is one:
+    /// a file still to decode, an image's or a clip's.
+    pub(crate) fn file(obj: &Bound<'_, PyAny>) -> PyResult<Option<Source>> {
+        Ok(
+            if obj.is_instance_of::<PyString>() || obj.hasattr("__fspath__")? {
+                Some(Source::Path(obj.extract::<PathBuf>()?))
+            } else if obj.is_instance_of::<PyBytes>() || obj.is_instance_of::<PyByteArray>() {
+                Some(Source::Encoded(obj.extract::<PyBackedBytes>()?))
+            } else {
+                None
+            },
+        )
     }
 
     /// The decoded image (no GIL needed): the one place every input becomes an `RgbImage`.

@@ -8,7 +8,7 @@ use pali::image::{ClipPlan, FrameSelection};
 use pali::{Answer, GenerateOptions, Task};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyList, PyTuple};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,20 +51,20 @@ impl Input {
                     "bgr=True is for arrays of pixels, not a clip".into(),
                 );
             }
-            let file = if obj.is_instance_of::<PyString>() || obj.hasattr("__fspath__")? {
-                ClipFile::Path(obj.extract::<PathBuf>()?)
-            } else if obj.is_instance_of::<PyBytes>() || obj.is_instance_of::<PyByteArray>() {
-                ClipFile::Encoded(obj.extract::<PyBackedBytes>()?)
-            } else {
-                return refuse(
-                    Kind::Image,
-                    format!(
+            let file = match Source::file(obj)? {
+                Some(Source::Path(path)) => ClipFile::Path(path),
+                Some(Source::Encoded(bytes)) => ClipFile::Encoded(bytes),
+                _ => {
+                    return refuse(
+                        Kind::Image,
+                        format!(
                         "frames= / fps= choose frames of a clip: pass a video file (mp4, webm, \
                          mkv, mov, ...) or an animated GIF / APNG / WebP, as a path or its \
                          bytes, not {}; frames you already have go in as a list of images",
                         obj.get_type().name()?
                     ),
-                );
+                    );
+                }
             };
             return Ok(Input::Clip(file, selection));
         }
